@@ -1,0 +1,1 @@
+//! iovmm's IOMMU component.
