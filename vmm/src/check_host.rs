@@ -1,0 +1,14 @@
+//! `vmm check-host`: what a user needs to know before passthrough.
+
+use std::process::ExitCode;
+
+use crate::cli::CheckHostArgs;
+
+/// Errors of `check-host`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {}
+
+/// Runs the checks and prints the report.
+pub fn run(_args: &CheckHostArgs) -> Result<ExitCode, crate::Error> {
+    Err(crate::Error::NotYet("check-host"))
+}
