@@ -8,14 +8,14 @@ use vmm::cli::{Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     vmm::logging::init(cli.verbose);
-    let result = match cli.command {
-        Some(Command::CheckHost(args)) => vmm::check_host::run(&args),
-        None => vmm::run(cli.run),
+    // Each command has its own error type; here they only need to be shown.
+    let result: Result<ExitCode, Box<dyn std::error::Error>> = match cli.command {
+        Some(Command::CheckHost(args)) => vmm::check_host::run(&args).map_err(Into::into),
+        None => vmm::run(cli.run).map_err(Into::into),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            log::error!("{e:#}");
             eprintln!("vmm: error: {e}");
             ExitCode::FAILURE
         }
