@@ -1,1 +1,4 @@
-//! Devices of iovmm.
+//! Devices of iovmm: what a guest sees (PCI bus and config space, serial, ...). No KVM policy here: the
+//! `vmm` crate wires these devices to KVM.
+
+pub mod pci;
