@@ -30,4 +30,9 @@ pub struct CheckHostArgs {}
 
 /// Arguments that boot a guest.
 #[derive(Debug, Args)]
-pub struct RunArgs {}
+pub struct RunArgs {
+    /// Pass a host PCI device through with VFIO: `path=/sys/bus/pci/devices/<BDF>` (repeatable). The device
+    /// must be bound to vfio-pci; `vmm` says how to bind it when it is not.
+    #[arg(long = "device", value_name = "path=/sys/bus/pci/devices/<BDF>")]
+    pub devices: Vec<crate::passthrough::DeviceSpec>,
+}

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 pub mod check_host;
 pub mod cli;
 pub mod logging;
+pub mod passthrough;
 
 /// Top-level errors of the VMM.
 #[derive(Debug, thiserror::Error)]
