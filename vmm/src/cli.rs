@@ -26,7 +26,11 @@ pub enum Command {
 
 /// Arguments of `vmm check-host`.
 #[derive(Debug, Args)]
-pub struct CheckHostArgs {}
+pub struct CheckHostArgs {
+    /// Print the report as JSON instead of plain text.
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// Arguments that boot a guest.
 #[derive(Debug, Args)]
