@@ -2,3 +2,4 @@
 //! `vmm` crate wires these devices to KVM.
 
 pub mod pci;
+pub mod vfio_pci;
