@@ -1,0 +1,335 @@
+//! The one walker of the stage-2 tables: lookup (lock-free), map (plan, then write) and unmap.
+//!
+//! It knows how a range decomposes into entries and how tables nest; the meaning of entry bits comes from
+//! [`super::format`]. Writers call these functions with the table's writer lock held; `lookup` runs with no
+//! lock at all.
+//!
+//! Ordering: writers store entries with `Release` (a new table's entries are written before the entry that
+//! links it), walkers load with `Acquire`. Writers read entries with `Relaxed` loads: only writers store, and
+//! they are serialized by the writer lock.
+
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+
+use super::format::{
+    self as fmt, addr, can_be_leaf, count, index, is_leaf, is_present, leaf_flags, level_shift,
+    level_size, table_entry, COUNT_ONE, ENTRIES,
+};
+use super::pool::{Pool, Table};
+use super::MapStats;
+
+/// The table a table entry points to.
+///
+/// # Safety
+/// `e` must be a present non-leaf entry read from a table of a live pool: its address is then a table page
+/// of that pool, which stays allocated while the pool lives.
+#[inline(always)]
+unsafe fn child<'a>(e: u64) -> &'a Table {
+    &*(addr(e) as *const Table)
+}
+
+/// Lock-free walk: the leaf entry mapping `iova` and its level, or `None`.
+/// `iova` must be below 2^48.
+#[inline(always)]
+pub(crate) fn lookup(root: &Table, iova: u64) -> Option<(u64, u32)> {
+    let mut t = root;
+    let mut level = fmt::LEVELS;
+    loop {
+        let e = t.e[index(iova, level)].load(Acquire);
+        if !is_present(e) {
+            return None;
+        }
+        if is_leaf(level, e) {
+            return Some((e, level));
+        }
+        // SAFETY: present non-leaf entry of a live table (the caller holds the table's shared state).
+        t = unsafe { child(e) };
+        level -= 1;
+    }
+}
+
+/// One step of a map range's decomposition at one table level (the `iommu_pgsize` rule: the largest page
+/// size that the alignment of iova|paddr and the remaining length allow).
+enum MapSpan {
+    /// `n` leaves of this level at entries `idx..idx + n`, first output address `pa`.
+    Leaves {
+        idx: usize,
+        n: usize,
+        iova: u64,
+        pa: u64,
+    },
+    /// `[iova, end)` (within the entry `idx`) needs a table one level down.
+    Descend {
+        idx: usize,
+        iova: u64,
+        end: u64,
+        pa: u64,
+    },
+}
+
+struct MapSpans {
+    level: u32,
+    cur: u64,
+    end: u64,
+    pa: u64,
+    idx: usize,
+}
+
+impl MapSpans {
+    #[inline(always)]
+    fn new(level: u32, cur: u64, end: u64, pa: u64) -> Self {
+        MapSpans {
+            level,
+            cur,
+            end,
+            pa,
+            idx: index(cur, level),
+        }
+    }
+}
+
+impl Iterator for MapSpans {
+    type Item = MapSpan;
+    #[inline(always)]
+    fn next(&mut self) -> Option<MapSpan> {
+        if self.cur >= self.end {
+            return None;
+        }
+        let shift = level_shift(self.level);
+        let size = 1u64 << shift;
+        let (cur, pa, idx) = (self.cur, self.pa, self.idx);
+        if can_be_leaf(self.level) && (cur | pa) & (size - 1) == 0 && self.end - cur >= size {
+            let n = (((self.end - cur) >> shift) as usize).min(ENTRIES - idx);
+            let bytes = (n as u64) << shift;
+            self.cur += bytes;
+            self.pa += bytes;
+            self.idx += n;
+            Some(MapSpan::Leaves {
+                idx,
+                n,
+                iova: cur,
+                pa,
+            })
+        } else {
+            let sub_end = self.end.min((cur & !(size - 1)) + size);
+            self.cur = sub_end;
+            self.pa += sub_end - cur;
+            self.idx += 1;
+            Some(MapSpan::Descend {
+                idx,
+                iova: cur,
+                end: sub_end,
+                pa,
+            })
+        }
+    }
+}
+
+/// OR of the entries `idx..idx + n` (writer side: plain reads, vectorizable).
+#[inline(always)]
+fn or_entries(t: &Table, idx: usize, n: usize) -> u64 {
+    t.e[idx..idx + n]
+        .iter()
+        .fold(0, |acc, e| acc | e.load(Relaxed))
+}
+
+/// First mapped address in `[cur, end)` under the table `t` at `level`, if any (error reporting).
+pub(crate) fn first_mapped(t: &Table, level: u32, mut cur: u64, end: u64) -> Option<u64> {
+    let size = level_size(level);
+    let mut idx = index(cur, level);
+    while cur < end {
+        let sub_end = end.min((cur & !(size - 1)) + size);
+        let e = t.e[idx].load(Relaxed);
+        if e != 0 {
+            if is_leaf(level, e) {
+                return Some(cur);
+            }
+            // SAFETY: present non-leaf entry; the writer lock is held.
+            if let Some(a) = first_mapped(unsafe { child(e) }, level - 1, cur, sub_end) {
+                return Some(a);
+            }
+        }
+        cur = sub_end;
+        idx += 1;
+    }
+    None
+}
+
+/// Plan a map of `[cur, end)` -> `pa` under `t` (or under a table yet to be allocated, `None`): checks that
+/// nothing in the range is mapped (`Err(first mapped iova)`) and counts the tables the map will allocate.
+/// Reads only.
+pub(crate) fn plan_map(
+    t: Option<&Table>,
+    level: u32,
+    cur: u64,
+    end: u64,
+    pa: u64,
+) -> Result<usize, u64> {
+    let mut needed = 0;
+    for span in MapSpans::new(level, cur, end, pa) {
+        match span {
+            MapSpan::Leaves { idx, n, iova, .. } => {
+                if let Some(t) = t {
+                    if or_entries(t, idx, n) != 0 {
+                        let span_end = iova + ((n as u64) << level_shift(level));
+                        return Err(first_mapped(t, level, iova, span_end).unwrap_or(iova));
+                    }
+                }
+            }
+            MapSpan::Descend { idx, iova, end, pa } => {
+                let e = t.map_or(0, |t| t.e[idx].load(Relaxed));
+                if e == 0 {
+                    needed += 1 + plan_map(None, level - 1, iova, end, pa)?;
+                } else if is_leaf(level, e) {
+                    return Err(iova);
+                } else {
+                    // SAFETY: present non-leaf entry; the writer lock is held.
+                    needed += plan_map(Some(unsafe { child(e) }), level - 1, iova, end, pa)?;
+                }
+            }
+        }
+    }
+    Ok(needed)
+}
+
+/// What a map call carries down the levels.
+pub(crate) struct MapCtx<'a> {
+    /// Permission bits of the leaves ([`fmt::prot_bits`]).
+    pub(crate) perm: u64,
+    pub(crate) pool: &'a mut Pool,
+    pub(crate) stats: MapStats,
+}
+
+/// Map `[cur, end)` -> `pa` under `t` at `level`, after [`plan_map`] succeeded and the pool holds the pages
+/// it counted. Returns how many entries of `t` went from zero to non-zero.
+pub(crate) fn map(t: &Table, level: u32, cur: u64, end: u64, pa: u64, cx: &mut MapCtx) -> u64 {
+    let mut added = 0u64;
+    for span in MapSpans::new(level, cur, end, pa) {
+        match span {
+            MapSpan::Leaves { idx, n, pa, .. } => {
+                write_leaves(t, level, idx, n, pa, cx.perm);
+                added += n as u64;
+                cx.stats.count_leaves(level, n as u64);
+            }
+            MapSpan::Descend { idx, iova, end, pa } => {
+                let e = t.e[idx].load(Relaxed);
+                if e == 0 {
+                    let Ok(new) = cx.pool.alloc() else {
+                        // plan_map counted this page and the caller reserved it.
+                        unreachable!("page-table pool reservation violated");
+                    };
+                    cx.stats.tables_allocated += 1;
+                    // SAFETY: a page of the live pool.
+                    let c = map(unsafe { new.as_ref() }, level - 1, iova, end, pa, cx);
+                    t.e[idx].store(table_entry(new.as_ptr() as u64, c), Release);
+                    added += 1;
+                } else {
+                    debug_assert!(!is_leaf(level, e), "plan_map let a map over a leaf through");
+                    // SAFETY: present non-leaf entry; the writer lock is held.
+                    let c = map(unsafe { child(e) }, level - 1, iova, end, pa, cx);
+                    t.e[idx].store(e + c * COUNT_ONE, Release);
+                }
+            }
+        }
+    }
+    added
+}
+
+/// Write a run of `n` leaves at `level` starting at entry `idx` with output address `pa`.
+#[inline(always)]
+fn write_leaves(t: &Table, level: u32, idx: usize, n: usize, pa: u64, perm: u64) {
+    let flags = leaf_flags(level, perm);
+    let step = level_size(level);
+    let mut out = pa | flags;
+    for e in &t.e[idx..idx + n] {
+        e.store(out, Release);
+        out += step;
+    }
+}
+
+/// The leaf mapping `iova` (writer side), as (first iova of the leaf, page size).
+pub(crate) fn leaf_at(root: &Table, iova: u64) -> Option<(u64, u64)> {
+    lookup(root, iova).map(|(_, level)| {
+        let size = level_size(level);
+        (iova & !(size - 1), size)
+    })
+}
+
+/// Unmap what is mapped in `[cur, end)` under `t` at `level`. The caller checked that no leaf is cut by the
+/// range's ends. Tables that become empty are unlinked and released to the pool (pending until sync).
+/// Returns (entries of `t` that became zero, bytes unmapped).
+pub(crate) fn unmap(t: &Table, level: u32, mut cur: u64, end: u64, pool: &mut Pool) -> (u64, u64) {
+    let size = level_size(level);
+    let mut idx = index(cur, level);
+    let (mut removed, mut bytes) = (0u64, 0u64);
+    if level == 1 {
+        let n = ((end - cur) >> 12) as usize;
+        for e in &t.e[idx..idx + n] {
+            if e.load(Relaxed) != 0 {
+                e.store(0, Release);
+                removed += 1;
+            }
+        }
+        return (removed, removed << 12);
+    }
+    while cur < end {
+        let sub_end = end.min((cur & !(size - 1)) + size);
+        let e = t.e[idx].load(Relaxed);
+        if e != 0 {
+            if is_leaf(level, e) {
+                debug_assert!(sub_end - cur == size, "unmap would cut a huge leaf");
+                t.e[idx].store(0, Release);
+                removed += 1;
+                bytes += size;
+            } else {
+                // SAFETY: present non-leaf entry; the writer lock is held.
+                let c = unsafe { child(e) };
+                if sub_end - cur == size {
+                    t.e[idx].store(0, Release);
+                    bytes += clear(c, level - 1, count(e), pool);
+                    pool.release(c.into());
+                    removed += 1;
+                } else {
+                    let (r, b) = unmap(c, level - 1, cur, sub_end, pool);
+                    bytes += b;
+                    if r == count(e) {
+                        t.e[idx].store(0, Release);
+                        pool.release(c.into());
+                        removed += 1;
+                    } else if r != 0 {
+                        t.e[idx].store(e - r * COUNT_ONE, Release);
+                    }
+                }
+            }
+        }
+        cur = sub_end;
+        idx += 1;
+    }
+    (removed, bytes)
+}
+
+/// Clear every entry of an unlinked table `t` at `level` that holds `live` non-zero entries, releasing its
+/// sub-tables. Returns the bytes that were mapped under it.
+fn clear(t: &Table, level: u32, mut live: u64, pool: &mut Pool) -> u64 {
+    let size = level_size(level);
+    let mut bytes = 0;
+    for slot in t.e.iter() {
+        if live == 0 {
+            break;
+        }
+        let e = slot.load(Relaxed);
+        if e == 0 {
+            continue;
+        }
+        live -= 1;
+        slot.store(0, Release);
+        if is_leaf(level, e) {
+            bytes += size;
+        } else {
+            // SAFETY: present non-leaf entry; the writer lock is held.
+            let c = unsafe { child(e) };
+            bytes += clear(c, level - 1, count(e), pool);
+            pool.release(c.into());
+        }
+    }
+    bytes
+}
