@@ -2,4 +2,6 @@
 //! `vmm` crate wires these devices to KVM.
 
 pub mod pci;
+pub mod power;
+pub mod serial;
 pub mod vfio_pci;

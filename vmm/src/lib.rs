@@ -1,13 +1,36 @@
 //! iovmm's VMM: KVM VM and vCPUs, guest memory, boot, ACPI, event loop, control API and CLI.
 //!
 //! Dependencies flow one way: `vmm -> devices -> iommu`. This crate only wires.
+//!
+//! Module map: [`layout`] (the guest address map), [`memory`] (guest RAM), [`boot`] (bzImage, initramfs,
+//! zero page), [`acpi`] (tables), [`vm`] (KVM VM, irqchip, vCPU threads), [`vcpu`] (CPUID, MSRs,
+//! registers, run loop), [`interrupts`] (GSI routes and MSI), [`device_manager`] (ports and addresses to
+//! devices), [`event_loop`] (the main thread), [`cli`].
+//!
+//! Exit status of `vmm`: 0 when the guest powers off; 2 when it resets (reboot, panic with `panic=-1`,
+//! triple fault: iovmm does not restart guests); 1 on any error.
 
+use std::fs::File;
+use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
+pub mod acpi;
+pub mod boot;
 pub mod check_host;
 pub mod cli;
+pub mod device_manager;
+pub mod event_loop;
+pub mod interrupts;
+pub mod layout;
 pub mod logging;
+pub mod memory;
 pub mod passthrough;
+pub mod vcpu;
+pub mod vm;
+
+/// Exit status when the guest reset instead of powering off.
+pub const EXIT_GUEST_RESET: u8 = 2;
 
 /// Top-level errors of the VMM.
 #[derive(Debug, thiserror::Error)]
@@ -15,9 +38,138 @@ pub enum Error {
     /// A capability that this build does not have yet.
     #[error("{0} is not implemented yet")]
     NotYet(&'static str),
+    /// No kernel given.
+    #[error("no guest kernel: pass --kernel PATH (an x86-64 bzImage)")]
+    NoKernel,
+    /// The console output file.
+    #[error("cannot create the console file {path}: {source}")]
+    SerialFile {
+        /// Path.
+        path: std::path::PathBuf,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// Passthrough preflight.
+    #[error(transparent)]
+    Passthrough(#[from] passthrough::PreflightError),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+    /// Loading the kernel.
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] acpi::Error),
+    /// The VM.
+    #[error(transparent)]
+    Vm(#[from] vm::Error),
+    /// The event loop.
+    #[error(transparent)]
+    EventLoop(#[from] event_loop::Error),
+    /// The guest or KVM failed.
+    #[error("the VM stopped: {0}")]
+    Guest(String),
 }
 
-/// Boots a guest as the command line asks.
-pub fn run(_args: cli::RunArgs) -> Result<ExitCode, Error> {
-    Err(Error::NotYet("booting a guest"))
+/// Restores the terminal's canonical mode when dropped.
+struct RawTerminal;
+
+impl RawTerminal {
+    fn enter() -> Option<Self> {
+        use vmm_sys_util::terminal::Terminal;
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return None;
+        }
+        match stdin.lock().set_raw_mode() {
+            Ok(()) => Some(RawTerminal),
+            Err(e) => {
+                log::warn!(
+                    "cannot put the terminal in raw mode ({e}); console input is line-buffered"
+                );
+                None
+            }
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        use vmm_sys_util::terminal::Terminal;
+        let _ = std::io::stdin().lock().set_canon_mode();
+    }
+}
+
+/// Boots a guest as the command line asks; returns the exit status (see the crate documentation).
+pub fn run(args: cli::RunArgs) -> Result<ExitCode, Error> {
+    let started = Instant::now();
+    let kernel = args.kernel.as_deref().ok_or(Error::NoKernel)?;
+    let checked = passthrough::preflight(
+        &args.devices,
+        args.memory.size,
+        &passthrough::HostPaths::default(),
+    )?;
+    if !checked.is_empty() {
+        return Err(Error::NotYet("attaching passthrough devices to the VM"));
+    }
+    let backing = if args.memory.hugepages {
+        memory::Backing::HugeTlb
+    } else {
+        memory::Backing::Anonymous {
+            thp: args.memory.thp,
+        }
+    };
+    let mem = memory::create(args.memory.size, backing)?;
+    let serial = match &args.serial {
+        cli::SerialArg::Off => vm::SerialOutput::Off,
+        cli::SerialArg::Tty => vm::SerialOutput::Writer(Box::new(std::io::stdout())),
+        cli::SerialArg::File(p) => {
+            vm::SerialOutput::Writer(Box::new(File::create(p).map_err(|source| {
+                Error::SerialFile {
+                    path: p.clone(),
+                    source,
+                }
+            })?))
+        }
+    };
+    let cpus = args.cpus.boot;
+    let vm = vm::Vm::new(cpus, mem, serial)?;
+    let boot = boot::load_linux(
+        vm.memory(),
+        kernel,
+        args.initramfs.as_deref(),
+        &args.cmdline,
+    )?;
+    acpi::AcpiTables {
+        cpus,
+        extra: Vec::new(),
+    }
+    .write(vm.memory())?;
+    vm.configure_linux(&boot)?;
+    log::info!(
+        "starting {} vCPU(s), {} MiB of RAM, entry {:#x}, set-up took {:?}",
+        cpus,
+        args.memory.size >> 20,
+        boot.entry,
+        started.elapsed()
+    );
+    let running = vm.start()?;
+    let _raw = matches!(args.serial, cli::SerialArg::Tty)
+        .then(RawTerminal::enter)
+        .flatten();
+    let exit = event_loop::run(&running, matches!(args.serial, cli::SerialArg::Tty));
+    let stopped = running.stop(Duration::from_secs(5));
+    drop(_raw);
+    let exit = exit?;
+    stopped?;
+    log::info!("VM ended after {:?}: {exit:?}", started.elapsed());
+    match exit {
+        vcpu::VmExit::PowerOff => Ok(ExitCode::SUCCESS),
+        vcpu::VmExit::Reset => {
+            eprintln!("vmm: the guest reset (reboot, panic or triple fault); iovmm does not restart guests");
+            Ok(ExitCode::from(EXIT_GUEST_RESET))
+        }
+        vcpu::VmExit::Error(e) => Err(Error::Guest(e)),
+    }
 }

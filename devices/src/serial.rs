@@ -1,0 +1,104 @@
+//! The 16550A UART (COM1) the guest uses as its console: vm-superio's emulation, with its interrupt raised
+//! through an eventfd (which the VMM registers as a KVM irqfd) and its output written to any `Write`.
+
+use std::io::Write;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Raises the UART's interrupt by writing to an eventfd (a KVM irqfd on the VMM side).
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// A UART occupying 8 ports.
+pub struct SerialConsole {
+    uart: Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>,
+}
+
+impl SerialConsole {
+    /// A UART that raises its interrupt through `irq` and writes what the guest sends to `out`.
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+        Self {
+            uart: Serial::new(IrqTrigger(irq), out),
+        }
+    }
+
+    /// A guest read of register `offset` (0..=7).
+    pub fn read(&mut self, offset: u8) -> u8 {
+        self.uart.read(offset)
+    }
+
+    /// A guest write of register `offset` (0..=7). Output errors (a closed stdout) are logged, not fatal.
+    pub fn write(&mut self, offset: u8, value: u8) {
+        if let Err(e) = self.uart.write(offset, value) {
+            log::debug!("serial: write to register {offset} failed: {e}");
+        }
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit in the receive FIFO.
+    pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        let room = self.uart.fifo_capacity().min(input.len());
+        if room == 0 {
+            return 0;
+        }
+        match self.uart.enqueue_raw_bytes(&input[..room]) {
+            Ok(n) => n,
+            Err(e) => {
+                log::debug!("serial: input dropped: {e}");
+                0
+            }
+        }
+    }
+
+    /// Bytes of room left in the receive FIFO.
+    pub fn input_room(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))?
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_and_input_with_interrupt() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let sink = Sink::default();
+        let mut s = SerialConsole::new(irq.try_clone().expect("clone"), Box::new(sink.clone()));
+        for b in b"hi" {
+            s.write(0, *b);
+        }
+        assert_eq!(sink.0.lock().map(|v| v.clone()).unwrap_or_default(), b"hi");
+        s.write(1, 0x01); // IER: received-data interrupt
+        assert_eq!(s.enqueue_input(b"x"), 1);
+        assert!(
+            irq.read().is_ok_and(|n| n >= 1),
+            "input raised the interrupt"
+        );
+        assert_eq!(s.read(5) & 1, 1, "LSR data ready");
+        assert_eq!(s.read(0), b'x');
+    }
+}
