@@ -52,6 +52,9 @@ pub enum Error {
     /// Passthrough preflight.
     #[error(transparent)]
     Passthrough(#[from] passthrough::PreflightError),
+    /// Attaching a passthrough device.
+    #[error(transparent)]
+    PassthroughAttach(#[from] passthrough::AttachError),
     /// Guest memory.
     #[error(transparent)]
     Memory(#[from] memory::Error),
@@ -110,9 +113,6 @@ pub fn run(args: cli::RunArgs) -> Result<ExitCode, Error> {
         args.memory.size,
         &passthrough::HostPaths::default(),
     )?;
-    if !checked.is_empty() {
-        return Err(Error::NotYet("attaching passthrough devices to the VM"));
-    }
     let backing = if args.memory.hugepages {
         memory::Backing::HugeTlb
     } else {
@@ -135,6 +135,17 @@ pub fn run(args: cli::RunArgs) -> Result<ExitCode, Error> {
     };
     let cpus = args.cpus.boot;
     let vm = vm::Vm::new(cpus, mem, serial)?;
+    let passthrough = match checked.is_empty() {
+        true => None,
+        false => Some(passthrough::attach(
+            &checked,
+            vm.memory(),
+            vm.vm_fd().clone(),
+            vm.next_free_slot(),
+            vm.devices().pci().clone(),
+            vm.gsi_router().clone(),
+        )?),
+    };
     let boot = boot::load_linux(
         vm.memory(),
         kernel,
@@ -160,6 +171,7 @@ pub fn run(args: cli::RunArgs) -> Result<ExitCode, Error> {
         .flatten();
     let exit = event_loop::run(&running, matches!(args.serial, cli::SerialArg::Tty));
     let stopped = running.stop(Duration::from_secs(5));
+    drop(passthrough); // released through the IOMMU component once the vCPUs are stopped
     drop(_raw);
     let exit = exit?;
     stopped?;

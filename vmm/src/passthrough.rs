@@ -335,6 +335,357 @@ impl fmt::Display for CheckedDevice {
     }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Wiring: each checked device is probed into the IOMMU component's `vfio` instance, its group claimed for
+// the guest (the blocked domain: the device is opened, its container empty), guest RAM mapped IOVA=GPA in
+// a paging domain that every group is then attached to, and the device put on the PCI bus.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use devices::pci::{MsiRouting, PciBus, PciSlot};
+use devices::vfio_pci::{BarMapper, VfioPciDevice, VfioPciError};
+use iommu::core::{
+    CoreError, DeviceDesc, DeviceId, GroupId, IommuCore, OwnerId, PagingDomain, Prot, Target,
+};
+use iommu::vfio::VfioIommu;
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::memory::GuestMemory;
+
+/// The owner id the VMM claims groups with.
+const VMM_OWNER: OwnerId = OwnerId(1);
+
+/// Errors of attaching passthrough devices.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The IOMMU component refused or its vfio driver failed.
+    #[error("passthrough of {device}: {what}: {source}{}", source_chain(source))]
+    Iommu {
+        /// The device (or "guest RAM").
+        device: String,
+        /// The step.
+        what: &'static str,
+        /// The component's error.
+        #[source]
+        source: CoreError,
+    },
+    /// The passthrough PCI device could not be built.
+    #[error("passthrough of {device}: {source}")]
+    Device {
+        /// The device.
+        device: String,
+        /// Why.
+        #[source]
+        source: VfioPciError,
+    },
+    /// The PCI bus refused the device.
+    #[error("passthrough of {device}: {source}")]
+    Bus {
+        /// The device.
+        device: String,
+        /// Why.
+        #[source]
+        source: devices::pci::PciBusError,
+    },
+}
+
+/// The causes below a core error, as ": a: b" (the core's own message names only the step).
+fn source_chain(e: &CoreError) -> String {
+    let mut s = String::new();
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        s += &format!(": {c}");
+        cur = c.source();
+    }
+    s
+}
+
+/// KVM memory slots for BAR mappings, numbered from the first slot after guest RAM.
+pub struct KvmBarSlots {
+    vm: Arc<VmFd>,
+    state: Mutex<SlotState>,
+}
+
+struct SlotState {
+    next: u32,
+    free: Vec<u32>,
+    used: HashMap<u32, (u64, u64, u64)>,
+}
+
+impl KvmBarSlots {
+    /// Slots from `first` on, in `vm`.
+    pub fn new(vm: Arc<VmFd>, first: u32) -> Self {
+        KvmBarSlots {
+            vm,
+            state: Mutex::new(SlotState {
+                next: first,
+                free: Vec::new(),
+                used: HashMap::new(),
+            }),
+        }
+    }
+
+    /// Number of slots in use.
+    pub fn in_use(&self) -> usize {
+        self.state.lock().map(|s| s.used.len()).unwrap_or(0)
+    }
+}
+
+impl BarMapper for KvmBarSlots {
+    fn map(&self, gpa: u64, size: u64, host_addr: u64) -> Result<u32, String> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = match st.free.pop() {
+            Some(s) => s,
+            None => {
+                st.next += 1;
+                st.next - 1
+            }
+        };
+        let r = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host_addr,
+        };
+        // SAFETY: `host_addr` is an mmap of a VFIO BAR owned by the passthrough device, which removes
+        // this slot (unmap) before it unmaps the BAR.
+        if let Err(e) = unsafe { self.vm.set_user_memory_region(r) } {
+            st.free.push(slot);
+            return Err(format!(
+                "KVM refused memory slot {slot} ({size:#x} bytes at {gpa:#x}): {e}"
+            ));
+        }
+        st.used.insert(slot, (gpa, size, host_addr));
+        log::debug!("passthrough: slot {slot}: BAR memory {size:#x} bytes at {gpa:#x}");
+        Ok(slot)
+    }
+
+    fn unmap(&self, slot: u32) -> Result<(), String> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((gpa, _, host)) = st.used.remove(&slot) else {
+            return Err(format!("slot {slot} is not a BAR slot"));
+        };
+        let r = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: 0,
+            userspace_addr: host,
+        };
+        // SAFETY: deleting a slot (size 0) only removes a mapping.
+        unsafe { self.vm.set_user_memory_region(r) }
+            .map_err(|e| format!("KVM refused to delete slot {slot}: {e}"))?;
+        st.free.push(slot);
+        Ok(())
+    }
+}
+
+struct Attached {
+    name: String,
+    dev: DeviceId,
+    slot: Option<PciSlot>,
+    pci: Option<Arc<Mutex<VfioPciDevice>>>,
+}
+
+/// The passthrough devices of a VM. [`Passthrough::release`] (or drop) gives them back.
+pub struct Passthrough {
+    core: Arc<IommuCore>,
+    vfio: Arc<VfioIommu>,
+    domain: Option<PagingDomain>,
+    groups: Vec<GroupId>,
+    devices: Vec<Attached>,
+    bus: Arc<PciBus>,
+    slots: Arc<KvmBarSlots>,
+    /// Guest RAM stays mapped in this process while the domain maps it.
+    _memory: GuestMemory,
+    released: bool,
+}
+
+/// The guest RAM ranges to map: (gpa, host address, length), adjacent regions merged when both their
+/// guest and host addresses are contiguous.
+pub fn ram_runs(mem: &GuestMemory) -> Vec<(u64, u64, u64)> {
+    let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+    for r in mem.iter() {
+        let (gpa, host, len) = (r.start_addr().0, r.as_ptr() as u64, r.len());
+        match runs.last_mut() {
+            Some(last) if last.0 + last.2 == gpa && last.1 + last.2 == host => last.2 += len,
+            _ => runs.push((gpa, host, len)),
+        }
+    }
+    runs
+}
+
+/// Attaches every checked device to the VM: component first (claim, map, attach), then the PCI device.
+pub fn attach(
+    checked: &[CheckedDevice],
+    memory: &GuestMemory,
+    vm: Arc<VmFd>,
+    first_free_slot: u32,
+    bus: Arc<PciBus>,
+    router: Arc<dyn MsiRouting>,
+) -> Result<Passthrough, AttachError> {
+    let core = Arc::new(IommuCore::new());
+    let vfio = Arc::new(VfioIommu::new());
+    let mut pt = Passthrough {
+        core: core.clone(),
+        vfio: vfio.clone(),
+        domain: None,
+        groups: Vec::new(),
+        devices: Vec::new(),
+        bus,
+        slots: Arc::new(KvmBarSlots::new(vm, first_free_slot)),
+        _memory: memory.clone(),
+        released: false,
+    };
+    let ierr = |device: &str, what, source| AttachError::Iommu {
+        device: device.to_string(),
+        what,
+        source,
+    };
+    let inst = core
+        .register(vfio.clone())
+        .map_err(|e| ierr("vfio", "registering the vfio driver", e))?;
+    let mut probed = Vec::new();
+    for d in checked {
+        let path = d.sysfs.display().to_string();
+        let dev = core
+            .probe_device(inst, DeviceDesc::new(path))
+            .map_err(|e| ierr(&d.bdf, "probe", e))?;
+        // Every device probed so far is released by `pt` on error.
+        pt.devices.push(Attached {
+            name: d.bdf.clone(),
+            dev,
+            slot: None,
+            pci: None,
+        });
+        let group = core.group_of(dev).map_err(|e| ierr(&d.bdf, "group", e))?;
+        if !pt.groups.contains(&group) {
+            core.claim_dma_owner(group, VMM_OWNER).map_err(|e| {
+                ierr(
+                    &d.bdf,
+                    "claiming its group for the guest (blocked domain)",
+                    e,
+                )
+            })?;
+            pt.groups.push(group);
+        }
+        probed.push((d, dev));
+    }
+    // Guest RAM, IOVA = GPA.
+    let domain = core
+        .alloc_paging(inst)
+        .map_err(|e| ierr("guest RAM", "allocating a paging domain", e))?;
+    let runs = ram_runs(memory);
+    for &(gpa, host, len) in &runs {
+        core.map(&domain, gpa, host, len, Prot::RW)
+            .map_err(|e| ierr("guest RAM", "mapping guest RAM", e))?;
+    }
+    pt.domain = Some(domain);
+    let before = vfio.stats();
+    for g in pt.groups.clone() {
+        if let Some(d) = pt.domain.as_ref() {
+            core.attach(g, VMM_OWNER, Target::Paging(d))
+                .map_err(|e| ierr("guest RAM", "attaching the guest-RAM domain", e))?;
+        }
+    }
+    let after = vfio.stats();
+    log::info!(
+        "passthrough: guest RAM ({} region(s), {} bytes) DMA-mapped IOVA=GPA: {} VFIO_IOMMU_MAP_DMA call(s), {} bytes, over {} group(s)",
+        runs.len(),
+        runs.iter().map(|r| r.2).sum::<u64>(),
+        after.map_calls - before.map_calls,
+        after.map_bytes - before.map_bytes,
+        pt.groups.len()
+    );
+    // The PCI devices.
+    for (k, (d, dev)) in probed.into_iter().enumerate() {
+        let name = format!("vfio {}", d.bdf);
+        let Some(vdev) = vfio.device(dev) else {
+            return Err(ierr(&d.bdf, "opening", CoreError::UnknownDevice(dev)));
+        };
+        let pci = VfioPciDevice::new(name.clone(), vdev, router.clone(), pt.slots.clone())
+            .map_err(|source| AttachError::Device {
+                device: d.bdf.clone(),
+                source,
+            })?;
+        let pci = Arc::new(Mutex::new(pci));
+        pt.devices[k].pci = Some(pci.clone());
+        let slot = pt
+            .bus
+            .add_device(None, pci)
+            .map_err(|source| AttachError::Bus {
+                device: d.bdf.clone(),
+                source,
+            })?;
+        pt.devices[k].slot = Some(slot);
+        if let Some(ps) = vfio.host_page_sizes(dev) {
+            log::info!(
+                "passthrough: {} (host group {}) is guest PCI {slot}; host IOMMU page sizes {ps:#x}",
+                d.bdf,
+                d.group
+            );
+        }
+    }
+    Ok(pt)
+}
+
+impl Passthrough {
+    /// The component (for diagnostics).
+    pub fn core(&self) -> &Arc<IommuCore> {
+        &self.core
+    }
+
+    /// Stops every device and releases it through the component: the PCI device is removed from the bus
+    /// and reset, the release domain (blocked: its container emptied) is attached, the driver closes the
+    /// device fd and the container; the guest-RAM domain is freed. Idempotent.
+    pub fn release(&mut self) {
+        if self.released {
+            return;
+        }
+        self.released = true;
+        for a in self.devices.drain(..).rev() {
+            if let Some(slot) = a.slot {
+                self.bus.remove_device(slot);
+            }
+            if let Some(pci) = a.pci {
+                pci.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
+            }
+            match self.core.release_device(a.dev) {
+                Ok(()) => log::info!(
+                    "passthrough: {} released (release domain, then fds closed)",
+                    a.name
+                ),
+                Err(e) => log::error!("passthrough: releasing {}: {e}{}", a.name, source_chain(&e)),
+            }
+        }
+        if let Some(d) = self.domain.take() {
+            if let Err(e) = self.core.free(d) {
+                log::error!("passthrough: the guest-RAM domain could not be freed: {e:?}");
+            }
+        }
+        let s = self.vfio.stats();
+        log::info!(
+            "passthrough: released; VFIO totals: {} map call(s) / {} bytes, {} unmap call(s) / {} bytes; {} container(s) and {} BAR slot(s) left",
+            s.map_calls,
+            s.map_bytes,
+            s.unmap_calls,
+            s.unmap_bytes,
+            self.vfio.open_containers(),
+            self.slots.in_use()
+        );
+    }
+}
+
+impl Drop for Passthrough {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
