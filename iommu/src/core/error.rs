@@ -3,6 +3,14 @@
 use super::ops::DriverError;
 use super::types::{DeviceId, DomainId, DomainType, GroupId, InstanceId, OwnerId, Pasid};
 
+fn list<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    items
+        .into_iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Why the core refused a request, or which driver call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
@@ -52,7 +60,7 @@ pub enum CoreError {
         dtype: DomainType,
     },
     /// `free` of a domain that is still attached (rule: free only what nothing uses).
-    #[error("{domain} is still attached to groups {groups:?} and PASIDs {pasids:?}; attach those to another domain (or remove the PASIDs) before freeing it")]
+    #[error("{domain} is still attached (groups: [{}], PASIDs: [{}]); attach those groups to another domain and remove those PASIDs before freeing it", list(groups), list(pasids.iter().map(|(d, p)| format!("{d}/{p}"))))]
     StillAttached {
         /// The domain.
         domain: DomainId,
@@ -144,7 +152,7 @@ pub enum CoreError {
     },
     /// A group attach failed and rolling back failed too: the group's devices may be in different
     /// domains. Release the group's devices.
-    #[error("{group}: attach failed and the rollback to {domain:?} failed for {devices:?}; the group's devices may disagree; release them")]
+    #[error("{group}: attach failed and the rollback to {} failed for [{}]; the group's devices may be in different domains: release them", domain.map_or("platform DMA".to_string(), |d| d.to_string()), list(devices))]
     RollbackFailed {
         /// The group.
         group: GroupId,
@@ -165,4 +173,12 @@ pub struct FreeRefused<D: std::fmt::Debug> {
     /// Why.
     #[source]
     pub error: CoreError,
+}
+
+/// Lets `?` turn a refused free into its reason. The handle is dropped, so the domain stays
+/// allocated in the core until the core is dropped.
+impl<D: std::fmt::Debug> From<FreeRefused<D>> for CoreError {
+    fn from(r: FreeRefused<D>) -> Self {
+        r.error
+    }
 }

@@ -25,12 +25,15 @@
 //! - **PASIDs**: SVA and paging domains on PASIDs; a per-device exit handler runs before the core
 //!   removes a PASID's domain.
 //! - **free** ends a domain, and is refused while it is attached.
+//!
+//! [`rules`] lists every rule, the function that enforces it, and the tests that check it.
 
 mod calls;
 mod domain;
 mod error;
 mod manager;
 mod ops;
+pub mod rules;
 mod types;
 
 pub use calls::{DriverCall, DriverOp};

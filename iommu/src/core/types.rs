@@ -49,7 +49,7 @@ macro_rules! display_id {
     ($t:ty, $p:literal) => {
         impl fmt::Display for $t {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, concat!($p, "{}"), self.0)
+                f.pad(&format!(concat!($p, "{}"), self.0))
             }
         }
     };
@@ -84,7 +84,7 @@ pub enum DomainType {
 
 impl fmt::Display for DomainType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             DomainType::Blocked => "blocked",
             DomainType::Identity => "identity",
             DomainType::Paging => "paging",
