@@ -1,0 +1,46 @@
+# shellcheck shell=sh
+# vmm boots the Debian kernel at level 3 (2 vCPUs, 512 MiB; then on hugepages); guest agrees; vmm exits 0
+# Runs at level 2 after the rig's set-up (docs/rig.md). Each check prints RIG-RESULT PASS/FAIL.
+
+# boot_once LABEL MEMORY-ARG: one boot of level 3; checks the exit status, the marker and the poweroff, and
+# prints the boot time (vmm start to the level-3 marker; nested TCG: a correctness run, not a benchmark).
+boot_once() {
+  label=$1
+  mem=$2
+  rm -f "$RIG_OUT/marker.t" "$RIG_OUT/l3-console.log"
+  # Watch for the marker (rig_vmm recreates l3-console.log when it starts vmm).
+  (
+    while ! grep -q 'RIG-BOOT-MARKER' "$RIG_OUT/l3-console.log" 2>/dev/null; do sleep 0.05; done
+    cut -d' ' -f1 /proc/uptime >"$RIG_OUT/marker.t"
+  ) &
+  watcher=$!
+  t0=$(cut -d' ' -f1 /proc/uptime)
+  rc=0
+  rig_vmm -t 600 --kernel "$RIG_L3_KERNEL" --initramfs "$RIG_L3_INITRD" --cmdline "$RIG_L3_CMDLINE" \
+    --cpus boot=2 --memory "$mem" -v || rc=$?
+  kill "$watcher" 2>/dev/null || true
+  rig_check "$label: vmm exits 0 after the guest powers off (exit $rc)" test "$rc" = 0 || true
+  rig_grep "$label: level 3 printed its marker" "$RIG_OUT/l3-console.log" 'RIG-BOOT-MARKER' || true
+  rig_grep "$label: level 3's test ran to the end and it powered off" "$RIG_OUT/l3-console.log" \
+    'RIG-GUEST: test.sh exited 0' || true
+  rig_grep "$label: vmm logged the poweroff" "$RIG_OUT/vmm.log" 'VM ended after .*PowerOff' || true
+  if [ -s "$RIG_OUT/marker.t" ]; then
+    t1=$(cat "$RIG_OUT/marker.t")
+    echo "RIG-L2: boot time ($label, vmm start to level-3 marker): $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s (nested under TCG: correctness only)"
+  fi
+  cp "$RIG_OUT/l3-console.log" "$RIG_OUT/l3-console-$label.log"
+}
+
+boot_once "4K pages" "size=512M"
+hp_before=$(awk '/^HugePages_Free:/ { print $2 }' /proc/meminfo)
+echo "RIG-L2: free hugepages before the hugepages=on boot: $hp_before"
+boot_once "hugepages" "size=512M,hugepages=on"
+
+# A request the host cannot serve is a clear error, not a crash.
+echo 0 >/proc/sys/vm/nr_hugepages
+rc=0
+"$VMM" --kernel "$RIG_L3_KERNEL" --initramfs "$RIG_L3_INITRD" --memory size=512M,hugepages=on \
+  >"$RIG_OUT/nohp.out" 2>"$RIG_OUT/nohp.err" || rc=$?
+cat "$RIG_OUT/nohp.err"
+rig_check "hugepages=on without free huge pages exits 1 (exit $rc)" test "$rc" = 1 || true
+rig_grep "and says how to fix it" "$RIG_OUT/nohp.err" 'nr_hugepages' || true

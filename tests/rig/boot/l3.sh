@@ -1,0 +1,16 @@
+# shellcheck shell=sh
+# The level-3 test: print the marker, check CPUs, memory and the PCI host bridge against what vmm was asked.
+# Sourced by resources/guest-init as /test.sh (rig_check/rig_pass/rig_fail come from there); it then powers off.
+echo "RIG-BOOT-MARKER level 3 up at $(cut -d' ' -f1 /proc/uptime) s"
+ncpu=$(grep -c '^processor' /proc/cpuinfo)
+echo "level 3: $ncpu processors; $(grep -m1 '^model name' /proc/cpuinfo)"
+rig_check "level 3 sees 2 CPUs in /proc/cpuinfo (saw $ncpu)" test "$ncpu" = 2 || true
+online=$(cat /sys/devices/system/cpu/online)
+rig_check "both CPUs are online ($online)" test "$online" = 0-1 || true
+memkb=$(awk '/^MemTotal:/ { print $2 }' /proc/meminfo)
+echo "level 3: MemTotal $memkb kB"
+# 512 MiB asked: MemTotal is what is left after the kernel's own reservations (it is never above 512 MiB).
+rig_check "MemTotal ($memkb kB) agrees with 512 MiB" test "$memkb" -gt 430000 -a "$memkb" -le 524288 || true
+rig_check "the PCI host bridge 00:00.0 is seen" test -e /sys/bus/pci/devices/0000:00:00.0 || true
+echo "level 3: PCI $(cat /sys/bus/pci/devices/0000:00:00.0/vendor 2>/dev/null):$(cat /sys/bus/pci/devices/0000:00:00.0/device 2>/dev/null)"
+rig_check "ACPI is on (the MADT and DSDT were read)" test -e /sys/firmware/acpi/tables/DSDT || true
