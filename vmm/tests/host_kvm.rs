@@ -176,6 +176,31 @@ fn serial_output_then_acpi_poweroff() {
 }
 
 #[test]
+fn serial_input_reaches_the_guest() {
+    let (vm, console) = new_vm(1, 64 << 20);
+    let mut code = vec![
+        0xba, 0xfd, 0x03, // mov dx, 0x3fd (LSR)
+        0xec, // wait: in al, dx
+        0xa8, 0x01, // test al, 1 (data ready)
+        0x74, 0xfb, // jz wait
+        0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xec, // in al, dx
+        0xee, // out dx, al (echo)
+        0xec, 0xee, // and the second byte
+    ];
+    code.extend_from_slice(&POWEROFF16);
+    code.extend_from_slice(&[0xeb, 0xfe]);
+    load(&vm, 0x1000, &code);
+    real_mode(&vm.vcpus()[0], 0x1000, false);
+    assert_eq!(vm.devices().serial_input(b"ok"), 2);
+    let running = vm.start().expect("start");
+    let exit = running.wait_exit(TIMEOUT);
+    running.stop(TIMEOUT).expect("vCPUs stop");
+    assert_eq!(exit, Some(VmExit::PowerOff));
+    assert_eq!(console.text(), "ok");
+}
+
+#[test]
 fn i8042_reset_is_reported_as_reset() {
     let (vm, _) = new_vm(1, 64 << 20);
     // mov al, 0xfe; out 0x64, al
