@@ -67,7 +67,7 @@ impl From<TranslateFault> for Fault {
     }
 }
 
-/// One recorded fault.
+/// One recorded fault: who, what, where, and why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FaultRecord {
     /// Increases by one per fault over the instance's life.
@@ -84,7 +84,7 @@ pub struct FaultRecord {
     pub fault: Fault,
 }
 
-/// Counters of a [`FaultLog`].
+/// Counters of a [`FaultLog`]: they count every fault, including those the ring dropped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FaultCounts {
     /// Faults ever recorded.
@@ -356,6 +356,10 @@ impl SoftIommu {
 }
 
 /// One device's DMA path with a private IOTLB ([`SoftIommu::port`]). Not shared between threads.
+///
+/// Rule carried: a cached path reaches no more than the uncached one. The port re-reads the device
+/// table whenever an attach changed it (so parking blocks it at once), and its IOTLB drops entries
+/// older than the page tables' last sync (so an unmap is seen once the unmap call returns).
 pub struct DmaPort {
     hw: Arc<Hw>,
     dev: DeviceId,

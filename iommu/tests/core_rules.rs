@@ -968,3 +968,29 @@ fn probe_failure_leaves_nothing_behind() {
     let log = r.hw.log();
     assert_eq!(log.last().map(|s| s.starts_with("release")), Some(true));
 }
+
+#[test]
+fn an_instance_must_provide_the_static_domains_it_names() {
+    let core = IommuCore::new();
+    let err = core
+        .register(Arc::new(TestIommu::new(Cfg {
+            blocked: false,
+            release: Some(StaticDomain::Blocked),
+            ..Cfg::default()
+        })))
+        .unwrap_err();
+    assert!(matches!(err, CoreError::Missing { .. }), "{err}");
+    let err = core
+        .register(Arc::new(TestIommu::new(Cfg {
+            platform_dma: true,
+            default: Some(StaticDomain::Identity),
+            ..Cfg::default()
+        })))
+        .unwrap_err();
+    assert!(matches!(err, CoreError::Missing { .. }), "{err}");
+    // Nothing was left behind: the next instance gets the first id.
+    let id = core
+        .register(Arc::new(TestIommu::new(Cfg::default())))
+        .unwrap();
+    assert_eq!(id.0, 0);
+}

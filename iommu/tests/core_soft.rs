@@ -464,3 +464,13 @@ fn flush_iotlb_all_drops_cached_translations() {
         .any(|c| matches!(c.op, DriverOp::FlushIotlbAll { .. })));
     assert_eq!(port.translate(0x1000, Access::Read), Ok(0x1000));
 }
+
+#[test]
+fn the_core_and_the_dma_path_can_be_shared_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<IommuCore>();
+    send_sync::<SoftIommu>();
+    send::<iommu::soft::DmaPort>();
+    send::<iommu::core::PagingDomain>();
+}

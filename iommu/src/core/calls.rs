@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use super::types::{DeviceId, DomainId, DomainType, InstanceId, Pasid};
 
-/// One driver operation the core called.
+/// One driver operation the core called (the names are the model's).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DriverOp {
     /// `IommuOps::probe_device`.
@@ -141,6 +141,10 @@ impl DriverOp {
 }
 
 /// One recorded call: sequence number, instance, operation, and whether the driver succeeded.
+///
+/// Rule carried: drivers are trait impls and nothing else, and the core calls them; so the core's
+/// record is the complete list of hardware touches (read it with
+/// [`IommuCore::driver_calls`](crate::core::IommuCore::driver_calls)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DriverCall {
     /// Increases by one per call, over the core's life.

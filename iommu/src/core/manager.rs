@@ -16,7 +16,8 @@ use super::types::{
     Pasid, Prot, ResvRegion, ResvType, StaticDomain,
 };
 
-/// What a PASID exit handler is told (seed 004).
+/// What a PASID exit handler is told (seed 004): one PASID whose address space ended, or all of
+/// the device's PASIDs (the device is released or parked; Linux's `IOMMU_PROCESS_EXIT_ALL`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PasidExit {
     /// The address space on this PASID ends.
@@ -49,6 +50,10 @@ pub enum DmaOwner {
 }
 
 /// One device as the VMM lists it.
+///
+/// Rule carried: the parked state is visible ([`DmaOwner::Parked`]), and so is everything the
+/// rules depend on: the group, the domain of requests without PASID, the PASIDs, require_direct,
+/// whether the deferred attach happened, the I/O page fault reference count.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceStatus {
     /// The device.
@@ -320,15 +325,38 @@ impl IommuCore {
     pub fn register(&self, ops: Arc<dyn IommuOps>) -> Result<InstanceId, CoreError> {
         let mut st = self.lock();
         let id = InstanceId(st.instances.len() as u32);
-        let add_static = |st: &mut State, d: Option<Arc<dyn DomainOps>>, t: DomainType| {
+        let (identity, blocked) = (ops.identity_domain(), ops.blocked_domain());
+        let (release, default) = (ops.release_domain(), ops.default_domain());
+        let provided = |s: StaticDomain| match s {
+            StaticDomain::Blocked => blocked.is_some(),
+            StaticDomain::Identity => identity.is_some(),
+        };
+        if release.is_some_and(|s| !provided(s)) {
+            return Err(CoreError::Missing {
+                instance: id,
+                what: "static domain named as its release domain",
+            });
+        }
+        if default.is_some_and(|s| !provided(s)) {
+            return Err(CoreError::Missing {
+                instance: id,
+                what: "static domain named as its default domain",
+            });
+        }
+        if ops.uses_platform_dma() && default.is_some() {
+            return Err(CoreError::Missing {
+                instance: id,
+                what: "consistent default: it uses platform DMA yet names a static default domain",
+            });
+        }
+        let mut add_static = |d: Option<Arc<dyn DomainOps>>, dtype: DomainType| {
             d.map(|imp| {
-                let did = DomainId(st.next_domain);
-                st.next_domain += 1;
+                let did = Self::new_domain_id(&mut st);
                 st.domains.insert(
                     did,
                     DomainEntry {
                         instance: id,
-                        dtype: t,
+                        dtype,
                         imp: DomainImpl::Plain(imp),
                         origin: Origin::Static,
                         iopf: false,
@@ -338,36 +366,17 @@ impl IommuCore {
                 did
             })
         };
-        let identity = add_static(&mut st, ops.identity_domain(), DomainType::Identity);
-        let blocked = add_static(&mut st, ops.blocked_domain(), DomainType::Blocked);
+        let identity = add_static(identity, DomainType::Identity);
+        let blocked = add_static(blocked, DomainType::Blocked);
         let inst = Instance {
             name: ops.name().to_string(),
             identity,
             blocked,
-            release: ops.release_domain(),
-            default: ops.default_domain(),
+            release,
+            default,
             platform_dma: ops.uses_platform_dma(),
             ops,
         };
-        for (what, s) in [
-            ("static release domain", inst.release),
-            ("static default domain", inst.default),
-        ] {
-            if let Some(s) = s {
-                if inst.static_domain(s).is_none() {
-                    for d in [identity, blocked].into_iter().flatten() {
-                        st.domains.remove(&d);
-                    }
-                    return Err(CoreError::Missing { instance: id, what });
-                }
-            }
-        }
-        if inst.platform_dma && inst.default.is_some() {
-            return Err(CoreError::Missing {
-                instance: id,
-                what: "consistent default: it uses platform DMA yet names a static default domain",
-            });
-        }
         info!("iommu: registered {id} ({})", inst.name);
         st.instances.push(inst);
         Ok(id)
@@ -1649,8 +1658,8 @@ impl IommuCore {
     /// Unmaps `[iova, iova + len)` from a paging domain and syncs once; returns the bytes that were
     /// mapped there (holes are skipped).
     ///
-    /// Unmapping part of a huge page is refused by the page tables (never silently split); what
-    /// this call unmapped before that is still flushed.
+    /// One `unmap_pages` call covers the whole range, so a range that cuts a huge page is refused as
+    /// a whole by the page tables (never silently split, nothing unmapped).
     pub fn unmap(&self, domain: &PagingDomain, iova: u64, len: u64) -> Result<u64, CoreError> {
         let (instance, ops) = self.paging_ops(domain)?;
         self.do_unmap(instance, domain.id, &ops, iova, len)
@@ -1665,44 +1674,29 @@ impl IommuCore {
         len: u64,
     ) -> Result<u64, CoreError> {
         let bitmap = Self::check_range(ops.as_ref(), iova, None, len)?;
+        // One call for the whole range, as generic_pt's unmap_pages: the page tables unmap whatever
+        // leaves lie inside, and refuse the whole call (changing nothing) if an edge cuts a leaf.
+        let pgsize = 1u64 << bitmap.trailing_zeros().min(63);
+        let pgcount = len / pgsize;
         let mut gather = IotlbGather::new();
-        let mut done = 0u64;
-        let mut unmapped = 0u64;
-        let mut failure = None;
-        while done < len {
-            let (pgsize, pgcount) = pgsize_for(bitmap, iova + done, iova + done, len - done);
-            let r = ops.unmap_pages(iova + done, pgsize, pgcount, &mut gather);
-            self.record(
-                instance,
-                DriverOp::UnmapPages {
-                    domain: id,
-                    iova: iova + done,
-                    pgsize,
-                    pgcount,
-                },
-                r.is_ok(),
-            );
-            match r {
-                Ok(n) => {
-                    unmapped += n;
-                    done += pgsize * pgcount;
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
+        let r = ops.unmap_pages(iova, pgsize, pgcount, &mut gather);
+        self.record(
+            instance,
+            DriverOp::UnmapPages {
+                domain: id,
+                iova,
+                pgsize,
+                pgcount,
+            },
+            r.is_ok(),
+        );
         ops.iotlb_sync(&mut gather);
         self.record(instance, DriverOp::IotlbSync { domain: id }, true);
-        match failure {
-            None => Ok(unmapped),
-            Some(source) => Err(CoreError::Driver {
-                op: "unmap_pages",
-                instance,
-                source,
-            }),
-        }
+        r.map_err(|source| CoreError::Driver {
+            op: "unmap_pages",
+            instance,
+            source,
+        })
     }
 
     /// The output address `iova` translates to in a paging domain, if mapped.

@@ -114,6 +114,10 @@ pub enum ResvType {
 }
 
 /// One reserved IOVA region of a device.
+///
+/// Rule carried: a [`ResvType::Direct`] region makes its device `require_direct`: never in a blocked
+/// domain, identity instead of blocked at release, and the region is mapped 1:1 in a paging default
+/// domain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ResvRegion {
     /// First IOVA of the region.
@@ -152,6 +156,9 @@ impl DeviceDesc {
 }
 
 /// What a driver learned at probe time.
+///
+/// Rule carried: `attach_deferred` is how a device says its first attach is deferred; a release
+/// before that attach touches no hardware.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ProbeInfo {
     /// The device keeps its pre-probe translation until its first real use (Linux
