@@ -60,7 +60,7 @@ pub struct DeviceStatus {
     pub id: DeviceId,
     /// Its name.
     pub name: String,
-    /// Its IOMMU instance and that instance's driver name.
+    /// Its IOMMU instance.
     pub instance: InstanceId,
     /// The driver's name.
     pub driver: String,

@@ -27,6 +27,26 @@
 //! - **free** ends a domain, and is refused while it is attached.
 //!
 //! [`rules`] lists every rule, the function that enforces it, and the tests that check it.
+//!
+//! # Where this differs from Linux, and why
+//! - **Attach needs DMA ownership.** Linux lets a kernel driver attach a domain to a group still in
+//!   its default domain; here only the owner of a claimed group attaches ([`CoreError::NotOwned`]),
+//!   because the VMM has no host-kernel drivers: every non-default domain belongs to a guest.
+//! - **Parking always uses the blocking domain**, even for an instance whose release domain is
+//!   identity: a parked device must reach nothing. (Devices that require direct mappings can never be
+//!   claimed, so they are never parked.)
+//! - **Unmap is one `unmap_pages` call** covering the range, as generic_pt's unmap does, so a range
+//!   that cuts a huge page is refused whole. Map still goes in runs of one page size per call, as
+//!   `iommu_map` does, so a driver sees (pgsize, pgcount).
+//! - **`iotlb_sync_map` receives the call's gather**, so a driver whose page tables gather on map
+//!   too (the soft driver) syncs once per call.
+//! - **PASID domains are set per device**, not on every device of the group; the group rule is about
+//!   requests without PASID.
+//! - **The I/O page fault reference count is kept by the core**: one reference per fault-capable
+//!   domain (SVA, [`IommuCore::alloc_paging_iopf`]) the device or one of its PASIDs is in, plus one
+//!   per [`IommuCore::iopf_get`].
+//! - **PASID exit handlers run under the core's lock** (they must not call the core), which makes
+//!   "handler, then removal" atomic with respect to other requests.
 
 mod calls;
 mod domain;
