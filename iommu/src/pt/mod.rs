@@ -460,8 +460,8 @@ impl IoPageTable {
             return Err(PtError::NoPermission);
         }
         let mut w = self.inner.writer.lock();
-        let root = self.inner.root();
-        let needed = walk::plan_map(Some(root), format::LEVELS, iova, end, paddr)
+        let d = walk::Descent::new(self.inner.root(), iova, end);
+        let needed = walk::plan_map(Some(d.table), d.level, iova, end, paddr)
             .map_err(|iova| PtError::Overlap { iova })?;
         if needed > 0 {
             w.pool.reserve(needed)?;
@@ -471,7 +471,8 @@ impl IoPageTable {
             pool: &mut w.pool,
             stats: MapStats::default(),
         };
-        walk::map(root, format::LEVELS, iova, end, paddr, &mut cx);
+        let added = walk::map(d.table, d.level, iova, end, paddr, &mut cx);
+        d.add_to_parent(added);
         let stats = cx.stats;
         drop(w);
         gather.touch(iova, end);
@@ -486,10 +487,11 @@ impl IoPageTable {
     pub fn unmap(&self, iova: u64, len: u64, gather: &mut Gather) -> Result<u64, PtError> {
         let end = check_range(iova, 0, len)?;
         let mut w = self.inner.writer.lock();
-        let root = self.inner.root();
+        let d = walk::Descent::new(self.inner.root(), iova, end);
+        // Only the leaves holding the range's two ends can be cut; a 1 GiB-aligned end cuts nothing.
         for edge in [iova, end] {
-            if edge & (PAGE_1G - 1) != 0 {
-                if let Some((start, size)) = walk::leaf_at(root, edge) {
+            if edge & (PAGE_1G - 1) != 0 && edge < d.span_end(iova) {
+                if let Some((start, size)) = walk::leaf_at(d.table, d.level, edge) {
                     if start < edge {
                         return Err(PtError::PartialHugeUnmap {
                             iova: start,
@@ -500,7 +502,8 @@ impl IoPageTable {
             }
         }
         let pending = w.pool.pending();
-        let (_, bytes) = walk::unmap(root, format::LEVELS, iova, end, &mut w.pool);
+        let (removed, bytes) = walk::unmap(d.table, d.level, iova, end, &mut w.pool);
+        d.remove_from_parents(removed, &mut w.pool);
         let freed = w.pool.pending() - pending;
         drop(w);
         if bytes > 0 || freed > 0 {

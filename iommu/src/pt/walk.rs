@@ -31,8 +31,12 @@ unsafe fn child<'a>(e: u64) -> &'a Table {
 /// `iova` must be below 2^48.
 #[inline(always)]
 pub(crate) fn lookup(root: &Table, iova: u64) -> Option<(u64, u32)> {
-    let mut t = root;
-    let mut level = fmt::LEVELS;
+    lookup_from(root, fmt::LEVELS, iova)
+}
+
+/// [`lookup`] starting at table `t` of `level`, which must span `iova`.
+#[inline(always)]
+pub(crate) fn lookup_from(mut t: &Table, mut level: u32, iova: u64) -> Option<(u64, u32)> {
     loop {
         let e = t.e[index(iova, level)].load(Acquire);
         if !is_present(e) {
@@ -44,6 +48,85 @@ pub(crate) fn lookup(root: &Table, iova: u64) -> Option<(u64, u32)> {
         // SAFETY: present non-leaf entry of a live table (the caller holds the table's shared state).
         t = unsafe { child(e) };
         level -= 1;
+    }
+}
+
+/// The deepest existing table whose span holds all of `[iova, end)`, and the table entries above it.
+/// Writer side (the writer lock is held while it is used).
+pub(crate) struct Descent<'a> {
+    /// The covering table.
+    pub(crate) table: &'a Table,
+    /// Its level.
+    pub(crate) level: u32,
+    /// (table, index) of the entries linking each level above `table`, root first.
+    parents: [(&'a Table, usize); fmt::LEVELS as usize],
+    depth: usize,
+}
+
+impl<'a> Descent<'a> {
+    /// Descend from `root` while the range lies within one entry and that entry is a table.
+    #[inline(always)]
+    pub(crate) fn new(root: &'a Table, iova: u64, end: u64) -> Self {
+        let mut d = Descent {
+            table: root,
+            level: fmt::LEVELS,
+            parents: [(root, 0); fmt::LEVELS as usize],
+            depth: 0,
+        };
+        loop {
+            let i = index(iova, d.level);
+            if d.level == 1 || index(end - 1, d.level) != i {
+                return d;
+            }
+            let e = d.table.e[i].load(Relaxed);
+            if e == 0 || is_leaf(d.level, e) {
+                return d;
+            }
+            d.parents[d.depth] = (d.table, i);
+            d.depth += 1;
+            // SAFETY: present non-leaf entry; the writer lock is held.
+            d.table = unsafe { child(e) };
+            d.level -= 1;
+        }
+    }
+
+    /// End of the covering table's span (the range's `iova` lies in it).
+    #[inline(always)]
+    pub(crate) fn span_end(&self, iova: u64) -> u64 {
+        let span = level_size(self.level + 1);
+        (iova & !(span - 1)) + span
+    }
+
+    /// `added` entries of the covering table went from zero to non-zero: count them in its parent entry.
+    #[inline(always)]
+    pub(crate) fn add_to_parent(&self, added: u64) {
+        if added != 0 && self.depth > 0 {
+            let (pt, pi) = self.parents[self.depth - 1];
+            let e = pt.e[pi].load(Relaxed);
+            pt.e[pi].store(e + added * COUNT_ONE, Release);
+        }
+    }
+
+    /// `removed` entries of the covering table became zero: uncount them in its parent entry, and unlink and
+    /// release every table on the path that became empty.
+    #[inline(always)]
+    pub(crate) fn remove_from_parents(&self, mut removed: u64, pool: &mut Pool) {
+        for k in (0..self.depth).rev() {
+            if removed == 0 {
+                return;
+            }
+            let (pt, pi) = self.parents[k];
+            let e = pt.e[pi].load(Relaxed);
+            if count(e) == removed {
+                pt.e[pi].store(0, Release);
+                // SAFETY: present non-leaf entry; the writer lock is held.
+                pool.release(unsafe { child(e) }.into());
+                removed = 1;
+            } else {
+                pt.e[pi].store(e - removed * COUNT_ONE, Release);
+                return;
+            }
+        }
     }
 }
 
@@ -246,9 +329,10 @@ fn write_leaves(t: &Table, level: u32, idx: usize, n: usize, pa: u64, perm: u64)
     }
 }
 
-/// The leaf mapping `iova` (writer side), as (first iova of the leaf, page size).
-pub(crate) fn leaf_at(root: &Table, iova: u64) -> Option<(u64, u64)> {
-    lookup(root, iova).map(|(_, level)| {
+/// The leaf mapping `iova` under `t` at `level` (writer side), as (first iova of the leaf, page size).
+#[inline(always)]
+pub(crate) fn leaf_at(t: &Table, level: u32, iova: u64) -> Option<(u64, u64)> {
+    lookup_from(t, level, iova).map(|(_, level)| {
         let size = level_size(level);
         (iova & !(size - 1), size)
     })
@@ -257,52 +341,57 @@ pub(crate) fn leaf_at(root: &Table, iova: u64) -> Option<(u64, u64)> {
 /// Unmap what is mapped in `[cur, end)` under `t` at `level`. The caller checked that no leaf is cut by the
 /// range's ends. Tables that become empty are unlinked and released to the pool (pending until sync).
 /// Returns (entries of `t` that became zero, bytes unmapped).
-pub(crate) fn unmap(t: &Table, level: u32, mut cur: u64, end: u64, pool: &mut Pool) -> (u64, u64) {
-    let size = level_size(level);
-    let mut idx = index(cur, level);
-    let (mut removed, mut bytes) = (0u64, 0u64);
+pub(crate) fn unmap(t: &Table, level: u32, cur: u64, end: u64, pool: &mut Pool) -> (u64, u64) {
+    let shift = level_shift(level);
+    let size = 1u64 << shift;
+    let first = index(cur, level);
+    let last = index(end - 1, level);
     if level == 1 {
-        let n = ((end - cur) >> 12) as usize;
-        for e in &t.e[idx..idx + n] {
-            if e.load(Relaxed) != 0 {
+        let mut removed = 0u64;
+        for e in &t.e[first..=last] {
+            let v = e.load(Relaxed);
+            if v != 0 {
                 e.store(0, Release);
                 removed += 1;
             }
         }
         return (removed, removed << 12);
     }
-    while cur < end {
-        let sub_end = end.min((cur & !(size - 1)) + size);
-        let e = t.e[idx].load(Relaxed);
-        if e != 0 {
-            if is_leaf(level, e) {
-                debug_assert!(sub_end - cur == size, "unmap would cut a huge leaf");
-                t.e[idx].store(0, Release);
+    let (mut removed, mut bytes) = (0u64, 0u64);
+    // Partly covered entries (only the first and the last can be) recurse; fully covered ones are cleared.
+    let base = cur & !((size << 9) - 1);
+    for (i, slot) in t.e[first..=last].iter().enumerate() {
+        let e = slot.load(Relaxed);
+        if e == 0 {
+            continue;
+        }
+        let lo = base + (((first + i) as u64) << shift);
+        let (s, x) = (cur.max(lo), end.min(lo + size));
+        if is_leaf(level, e) {
+            debug_assert!(x - s == size, "unmap would cut a huge leaf");
+            slot.store(0, Release);
+            removed += 1;
+            bytes += size;
+            continue;
+        }
+        // SAFETY: present non-leaf entry; the writer lock is held.
+        let c = unsafe { child(e) };
+        if x - s == size {
+            slot.store(0, Release);
+            bytes += clear(c, level - 1, count(e), pool);
+            pool.release(c.into());
+            removed += 1;
+        } else {
+            let (r, b) = unmap(c, level - 1, s, x, pool);
+            bytes += b;
+            if r == count(e) {
+                slot.store(0, Release);
+                pool.release(c.into());
                 removed += 1;
-                bytes += size;
-            } else {
-                // SAFETY: present non-leaf entry; the writer lock is held.
-                let c = unsafe { child(e) };
-                if sub_end - cur == size {
-                    t.e[idx].store(0, Release);
-                    bytes += clear(c, level - 1, count(e), pool);
-                    pool.release(c.into());
-                    removed += 1;
-                } else {
-                    let (r, b) = unmap(c, level - 1, cur, sub_end, pool);
-                    bytes += b;
-                    if r == count(e) {
-                        t.e[idx].store(0, Release);
-                        pool.release(c.into());
-                        removed += 1;
-                    } else if r != 0 {
-                        t.e[idx].store(e - r * COUNT_ONE, Release);
-                    }
-                }
+            } else if r != 0 {
+                slot.store(e - r * COUNT_ONE, Release);
             }
         }
-        cur = sub_end;
-        idx += 1;
     }
     (removed, bytes)
 }
