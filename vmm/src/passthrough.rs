@@ -18,9 +18,6 @@ use std::str::FromStr;
 /// The driver a device must be bound to before it can be passed through.
 pub const VFIO_PCI_DRIVER: &str = "vfio-pci";
 
-/// Drivers that do not make an IOMMU group unviable (the kernel's own allow-list plus vfio-pci).
-const VIABLE_DRIVERS: &[&str] = &[VFIO_PCI_DRIVER, "pci-stub"];
-
 /// One `--device` argument.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSpec {
@@ -247,7 +244,7 @@ pub fn check_device(spec: &DeviceSpec, host: &HostPaths) -> Result<CheckedDevice
         for e in names {
             let other = e.file_name().to_string_lossy().into_owned();
             if let Some(d) = bound_driver(&e.path()) {
-                if !VIABLE_DRIVERS.contains(&d.as_str()) {
+                if !crate::check_host::driver_allows_vfio(&d) {
                     return Err(PreflightError::GroupNotViable {
                         fix: bind_commands(&other, Some(&d)),
                         bdf,
