@@ -16,13 +16,17 @@
 //! Entries are `AtomicU64`. Writers (map, unmap, sync) serialize on a small writer lock; walkers never take
 //! it. Page-table pages are never returned to the allocator while the table lives (the pool keeps them), so a
 //! walker holding a stale pointer still reads valid memory. A page unlinked by unmap is *pending*; it becomes
-//! reusable only after the next `sync`, which bumps the table's generation under the writer lock. Walkers
-//! read the generation before and after a walk and retry when it changed (a seqlock read), so a walk that
-//! raced with the reuse of a page it passed through is never trusted:
-//! - a walker that reached page T read generation `g1` before the unmap that unlinked T (otherwise it would
-//!   have seen the unlink), so `g1` is older than the bump that made T reusable;
+//! reusable only after a `sync` that bumps the table's generation under the writer lock, after the unlink.
+//! Walkers read the generation before and after a walk and retry when it changed (a seqlock read), so a walk
+//! that raced with the reuse of a page it passed through is never trusted:
+//! - a walker that reached page T read generation `g1` before the bump that made T reusable: had it read
+//!   that bump's value or a later one (every bump is an atomic read-modify-write, so later bumps continue
+//!   its release sequence), the unlink would happen-before its walk and it could not have reached T;
 //! - anything written into T after its reuse is written after that bump, so a walker that reads it then reads
 //!   a newer generation and retries.
+//!
+//! Syncs with no page to reclaim bump the generation without the lock (a `fetch_add`; the argument above
+//! holds for any mix of such bumps).
 //!
 //! The same generation tags every IOTLB entry of a [`Translator`]: after `sync` of an unmap returns, no
 //! translator returns a translation cached before it. Maps need no invalidation (nothing negative is cached).
@@ -35,7 +39,7 @@ mod walk;
 use std::cell::UnsafeCell;
 use std::ops::{Deref, DerefMut, Range};
 use std::ptr::NonNull;
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
@@ -461,6 +465,12 @@ impl IoPageTable {
         }
         let mut w = self.inner.writer.lock();
         let d = walk::Descent::new(self.inner.root(), iova, end);
+        // Fast path: one run of leaves of the covering table's own level, on free entries.
+        if let Some(stats) = walk::map_run(&d, iova, paddr, len, perm) {
+            drop(w);
+            gather.touch(iova, end);
+            return Ok(stats);
+        }
         let needed = walk::plan_map(Some(d.table), d.level, iova, end, paddr)
             .map_err(|iova| PtError::Overlap { iova })?;
         if needed > 0 {
@@ -488,9 +498,10 @@ impl IoPageTable {
         let end = check_range(iova, 0, len)?;
         let mut w = self.inner.writer.lock();
         let d = walk::Descent::new(self.inner.root(), iova, end);
-        // Only the leaves holding the range's two ends can be cut; a 1 GiB-aligned end cuts nothing.
+        // Only the leaves holding the range's two ends can be cut; a 1 GiB-aligned end cuts nothing, nor
+        // does anything under a leaf table (4 KiB leaves only).
         for edge in [iova, end] {
-            if edge & (PAGE_1G - 1) != 0 && edge < d.span_end(iova) {
+            if d.level > 1 && edge & (PAGE_1G - 1) != 0 && edge < d.span_end(iova) {
                 if let Some((start, size)) = walk::leaf_at(d.table, d.level, edge) {
                     if start < edge {
                         return Err(PtError::PartialHugeUnmap {
@@ -537,9 +548,13 @@ impl IoPageTable {
     /// The IOTLB sync: makes the gathered unmaps effective for every translator (cached translations
     /// older than this call are never returned again) and makes the gathered table pages reusable.
     /// Called once per map/unmap call; cheap when there is nothing to invalidate.
+    #[inline]
     pub fn sync(&self, gather: &mut Gather) {
-        if gather.flush || gather.freed_pages > 0 {
+        if gather.freed_pages > 0 {
             self.flush_locked();
+        } else if gather.flush {
+            // Nothing to reclaim: the bump alone invalidates; no lock needed (see the module docs).
+            self.inner.gen.0.fetch_add(1, AcqRel);
         }
         *gather = Gather::new();
     }
@@ -551,9 +566,9 @@ impl IoPageTable {
 
     fn flush_locked(&self) {
         let mut w = self.inner.writer.lock();
-        // Under the writer lock: the proof in the module docs needs every bump ordered with the unlinks.
-        let g = self.inner.gen.0.load(Relaxed);
-        self.inner.gen.0.store(g + 1, Release);
+        // The bump that makes pending pages reusable is taken under the writer lock, so it is ordered after
+        // the unlinks of every pending page (see the module docs).
+        self.inner.gen.0.fetch_add(1, AcqRel);
         w.pool.reclaim();
     }
 

@@ -317,6 +317,29 @@ pub(crate) fn map(t: &Table, level: u32, cur: u64, end: u64, pa: u64, cx: &mut M
     added
 }
 
+/// The map fast path: when `[iova, iova + len)` -> `pa` is one run of leaves of the covering table's level
+/// (both addresses and the length aligned to that level's page size) and those entries are free, write them
+/// and count them in the parent entry. `None`: take the general path (which also reports overlaps).
+#[inline(always)]
+pub(crate) fn map_run(d: &Descent, iova: u64, pa: u64, len: u64, perm: u64) -> Option<MapStats> {
+    let level = d.level;
+    if !can_be_leaf(level) || (iova | pa | len) & (level_size(level) - 1) != 0 {
+        return None;
+    }
+    let idx = index(iova, level);
+    let n = (len >> level_shift(level)) as usize;
+    // Descent stops where the range spans several entries, or one entry that is not a table; with an
+    // aligned range that is only ever a run within this table.
+    if idx + n > ENTRIES || or_entries(d.table, idx, n) != 0 {
+        return None;
+    }
+    write_leaves(d.table, level, idx, n, pa, perm);
+    d.add_to_parent(n as u64);
+    let mut stats = MapStats::default();
+    stats.count_leaves(level, n as u64);
+    Some(stats)
+}
+
 /// Write a run of `n` leaves at `level` starting at entry `idx` with output address `pa`.
 #[inline(always)]
 fn write_leaves(t: &Table, level: u32, idx: usize, n: usize, pa: u64, perm: u64) {
@@ -350,47 +373,78 @@ pub(crate) fn unmap(t: &Table, level: u32, cur: u64, end: u64, pool: &mut Pool) 
         let mut removed = 0u64;
         for e in &t.e[first..=last] {
             let v = e.load(Relaxed);
-            if v != 0 {
-                e.store(0, Release);
-                removed += 1;
-            }
+            e.store(0, Release);
+            removed += (v != 0) as u64;
         }
         return (removed, removed << 12);
     }
     let (mut removed, mut bytes) = (0u64, 0u64);
-    // Partly covered entries (only the first and the last can be) recurse; fully covered ones are cleared.
     let base = cur & !((size << 9) - 1);
-    for (i, slot) in t.e[first..=last].iter().enumerate() {
-        let e = slot.load(Relaxed);
+    let lo = |i: usize| base + ((i as u64) << shift);
+    // A partly covered entry (only the first and the last can be): recurse into its table.
+    let partial = |i: usize, removed: &mut u64, bytes: &mut u64, pool: &mut Pool| {
+        let e = t.e[i].load(Relaxed);
         if e == 0 {
-            continue;
+            return;
         }
-        let lo = base + (((first + i) as u64) << shift);
-        let (s, x) = (cur.max(lo), end.min(lo + size));
         if is_leaf(level, e) {
-            debug_assert!(x - s == size, "unmap would cut a huge leaf");
-            slot.store(0, Release);
-            removed += 1;
-            bytes += size;
-            continue;
+            // The caller refused ranges that cut a leaf.
+            debug_assert!(false, "unmap would cut a huge leaf");
+            return;
         }
         // SAFETY: present non-leaf entry; the writer lock is held.
         let c = unsafe { child(e) };
-        if x - s == size {
-            slot.store(0, Release);
-            bytes += clear(c, level - 1, count(e), pool);
+        let (r, b) = unmap(c, level - 1, cur.max(lo(i)), end.min(lo(i) + size), pool);
+        *bytes += b;
+        if r == count(e) {
+            t.e[i].store(0, Release);
             pool.release(c.into());
-            removed += 1;
-        } else {
-            let (r, b) = unmap(c, level - 1, s, x, pool);
-            bytes += b;
-            if r == count(e) {
-                slot.store(0, Release);
-                pool.release(c.into());
-                removed += 1;
-            } else if r != 0 {
-                slot.store(e - r * COUNT_ONE, Release);
+            *removed += 1;
+        } else if r != 0 {
+            t.e[i].store(e - r * COUNT_ONE, Release);
+        }
+    };
+    // Fully covered entries: a tight loop; leaves are just cleared, tables cleared and released.
+    let full = |from: usize, to: usize, removed: &mut u64, bytes: &mut u64, pool: &mut Pool| {
+        let mut leaves = 0u64;
+        for slot in &t.e[from..to] {
+            let e = slot.load(Relaxed);
+            if e == 0 {
+                continue;
             }
+            slot.store(0, Release);
+            if is_leaf(level, e) {
+                leaves += 1;
+            } else {
+                // SAFETY: present non-leaf entry; the writer lock is held.
+                let c = unsafe { child(e) };
+                *bytes += clear(c, level - 1, count(e), pool);
+                pool.release(c.into());
+                *removed += 1;
+            }
+        }
+        *removed += leaves;
+        *bytes += leaves << shift;
+    };
+    let head_full = cur == lo(first);
+    let tail_full = end == lo(last) + size;
+    if first == last {
+        if head_full && tail_full {
+            full(first, first + 1, &mut removed, &mut bytes, pool);
+        } else {
+            partial(first, &mut removed, &mut bytes, pool);
+        }
+    } else {
+        let from = if head_full {
+            first
+        } else {
+            partial(first, &mut removed, &mut bytes, pool);
+            first + 1
+        };
+        let to = if tail_full { last + 1 } else { last };
+        full(from, to, &mut removed, &mut bytes, pool);
+        if !tail_full {
+            partial(last, &mut removed, &mut bytes, pool);
         }
     }
     (removed, bytes)
