@@ -2,7 +2,7 @@
 //!
 //! Rules this module carries (shared/DESIGN.md, "Stage-2 I/O page tables"):
 //! - A radix table over a 48-bit IOVA space, 4 levels of 512 entries, leaves of 4 KiB, 2 MiB or 1 GiB
-//!   (the entry encoding, and the spec it follows, is in [`format`]).
+//!   (the entry encoding, and the spec it follows, is in [`mod@format`]).
 //! - [`IoPageTable::map`] picks, at every step, the largest page size that the alignment of iova|paddr and
 //!   the remaining length allow (as Linux's `iommu_pgsize` / generic_pt do), writes runs of leaves, refuses
 //!   to map over anything already mapped, and on error leaves the table unchanged.
