@@ -666,15 +666,31 @@ impl Passthrough {
         }
         let s = self.vfio.stats();
         log::info!(
-            "passthrough: released; VFIO totals: {} map call(s) / {} bytes, {} unmap call(s) / {} bytes; {} container(s) and {} BAR slot(s) left",
+            "passthrough: released; VFIO totals: {} map call(s) / {} bytes, {} unmap call(s) / {} bytes; {} container(s), {} BAR slot(s) and {} VFIO fd(s) left",
             s.map_calls,
             s.map_bytes,
             s.unmap_calls,
             s.unmap_bytes,
             self.vfio.open_containers(),
-            self.slots.in_use()
+            self.slots.in_use(),
+            open_vfio_fds()
         );
     }
+}
+
+/// Number of this process's open fds on /dev/vfio/* or VFIO device files.
+pub fn open_vfio_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter(|t| {
+                    let t = t.to_string_lossy();
+                    t.starts_with("/dev/vfio/") || t.contains("vfio-device")
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 impl Drop for Passthrough {

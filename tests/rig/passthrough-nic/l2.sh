@@ -15,7 +15,8 @@ rig_grep "vmm logged the guest-RAM map calls (one per region, 256 MiB)" "$RIG_OU
 rig_grep "vmm enabled MSI-X through irqfds" "$RIG_OUT/vmm.log" 'MSI-X enabled, [0-9]+ vectors signalled through irqfds' || true
 rig_grep "vmm released the igb through the component" "$RIG_OUT/vmm.log" \
   "passthrough: $RIG_NIC_BDF released \\(release domain, then fds closed\\)" || true
-rig_grep "nothing left: no container, no BAR slot" "$RIG_OUT/vmm.log" "0 container\\(s\\) and 0 BAR slot\\(s\\) left" || true
+rig_grep "nothing left: no container, no BAR slot, no VFIO fd" "$RIG_OUT/vmm.log" \
+  "0 container\\(s\\), 0 BAR slot\\(s\\) and 0 VFIO fd\\(s\\) left" || true
 grep -E 'passthrough:|vfio' "$RIG_OUT/vmm.log" | grep -v DEBUG | head -20
 
 # After vmm: the group can be opened again (check-host opens /dev/vfio/N and reads its page sizes) ...
