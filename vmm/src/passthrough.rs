@@ -121,7 +121,7 @@ pub enum PreflightError {
         /// Shell commands that bind it to vfio-pci.
         fix: String,
     },
-    /// /dev/vfio/<group> is missing.
+    /// `/dev/vfio/<group>` is missing.
     #[error("--device {bdf}: {node} does not exist although the device is bound to vfio-pci; is devtmpfs mounted on /dev?")]
     NoGroupNode {
         /// The device's PCI address.
@@ -201,7 +201,7 @@ pub fn bind_commands(bdf: &str, driver: Option<&str>) -> String {
     s
 }
 
-/// Checks one device: exists, is PCI, bound to vfio-pci, its group viable, /dev/vfio/<group> present.
+/// Checks one device: exists, is PCI, bound to vfio-pci, its group viable, `/dev/vfio/<group>` present.
 pub fn check_device(spec: &DeviceSpec, host: &HostPaths) -> Result<CheckedDevice, PreflightError> {
     let shown = spec.path.display().to_string();
     let dev = host.sys(&spec.path);
