@@ -86,3 +86,6 @@ fmt_secs() { awk -v s="$1" 'BEGIN { printf "%.1f", s }'; }
 
 # now_secs: seconds since the epoch with a fraction
 now_secs() { date +%s.%N; }
+
+# since T0: seconds elapsed since T0 (from now_secs), formatted like 12.3
+since() { awk -v a="$1" -v b="$(now_secs)" 'BEGIN { printf "%.1f", b - a }'; }
