@@ -372,9 +372,10 @@ pub(crate) fn unmap(t: &Table, level: u32, cur: u64, end: u64, pool: &mut Pool) 
     if level == 1 {
         let mut removed = 0u64;
         for e in &t.e[first..=last] {
-            let v = e.load(Relaxed);
-            e.store(0, Release);
-            removed += (v != 0) as u64;
+            if e.load(Relaxed) != 0 {
+                e.store(0, Release);
+                removed += 1;
+            }
         }
         return (removed, removed << 12);
     }
