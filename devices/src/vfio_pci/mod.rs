@@ -29,7 +29,8 @@ use vfio_ioctls::{VfioDevice, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::pci::{
-    BarKind, BarRegion, BarRelocation, MsiError, MsiRouting, PciDevice, PciDeviceError, NUM_BARS,
+    BarKind, BarRegion, BarRelocation, MsiError, MsiRouting, PciDevice, PciDeviceError,
+    COMMAND_MEMORY, COMMAND_REG, NUM_BARS,
 };
 use config::{ConfigIo, VfioConfig, LEGACY_SIZE};
 use msix::{MsixCap, MsixTable};
@@ -169,6 +170,9 @@ pub struct VfioPciDevice {
     /// Per BAR: the KVM slot handles currently mapped.
     slots: Vec<Vec<u32>>,
     shut_down: bool,
+    /// The device decodes memory (command register bit 1): BAR slots exist only while it does, since
+    /// vfio-pci blocks BAR mmaps while decode is off and a guest access through a slot would fail KVM_RUN.
+    memory_enabled: bool,
 }
 
 impl VfioPciDevice {
@@ -221,6 +225,7 @@ impl VfioPciDevice {
             areas: (0..NUM_BARS).map(|_| Vec::new()).collect(),
             slots: (0..NUM_BARS).map(|_| Vec::new()).collect(),
             shut_down: false,
+            memory_enabled: false,
             device,
             config,
             msix_cap,
@@ -383,6 +388,40 @@ impl VfioPciDevice {
         }
     }
 
+    /// Follows the device's memory-decode bit: BAR slots are mapped while it is set, removed while not.
+    fn command_written(&mut self) {
+        let mut cmd = [0u8; 2];
+        DeviceConfig(&self.device).read_config(4, &mut cmd);
+        let mem = u16::from_le_bytes(cmd) & COMMAND_MEMORY != 0;
+        if mem == self.memory_enabled || self.shut_down {
+            return;
+        }
+        self.memory_enabled = mem;
+        for b in self.config.bars() {
+            let bar = usize::from(b.index);
+            if !b.kind.is_memory() || bar >= NUM_BARS {
+                continue;
+            }
+            self.unmap_slots(bar);
+            if mem && b.base != 0 {
+                if let Err(e) = self.map_slots(bar, b.base) {
+                    self.unmap_slots(bar);
+                    log::error!(
+                        "{}: BAR{bar} stays trapped (slow) at {:#x}: {e}",
+                        self.name,
+                        b.base
+                    );
+                }
+            }
+        }
+        log::debug!(
+            "{}: memory decode {}: BAR slots {}",
+            self.name,
+            if mem { "on" } else { "off" },
+            if mem { "mapped" } else { "removed" }
+        );
+    }
+
     /// The vector of MSI-X GSIs (for diagnostics and tests).
     pub fn gsis(&self) -> Vec<u32> {
         self.vectors.iter().map(|v| v.gsi).collect()
@@ -481,6 +520,9 @@ impl PciDevice for VfioPciDevice {
         if fx.msix_control {
             self.msix_control_changed();
         }
+        if reg == COMMAND_REG && offset < 2 {
+            self.command_written();
+        }
         fx.relocations
     }
 
@@ -494,7 +536,8 @@ impl PciDevice for VfioPciDevice {
             return Ok(());
         }
         self.unmap_slots(bar);
-        if r.new_base == 0 || self.shut_down {
+        if r.new_base == 0 || self.shut_down || !self.memory_enabled {
+            // Without memory decode the bus traps the range; the slots follow the command register.
             return Ok(());
         }
         self.map_slots(bar, r.new_base).map_err(|reason| {
@@ -517,6 +560,8 @@ impl PciDevice for VfioPciDevice {
 
     fn read_bar(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
         let len = data.len() as u64;
+        // What a failed read (e.g. memory decode off) returns: all-ones, as on a real bus.
+        data.fill(0xff);
         if self.msix_cap.in_table(bar, offset, len) {
             self.table.read(offset - self.msix_cap.table_offset, data);
             return;
