@@ -353,11 +353,11 @@ impl VfioPciDevice {
     /// Applies the guest's view of vector `i` to its route.
     fn update_vector(&self, i: usize) {
         let (enabled, fmask) = self.config.msix_state();
-        let (Some(v), Some(vec)) = (self.table.vector(i), self.vectors.get(i)) else {
+        let (Some(v), Some(vec)) = (self.table.route(i, enabled, fmask), self.vectors.get(i))
+        else {
             return;
         };
-        let masked = v.masked || fmask || !enabled;
-        if let Err(e) = self.router.set_msi(vec.gsi, v.address, v.data, masked) {
+        if let Err(e) = self.router.set_msi(vec.gsi, v.address, v.data, v.masked) {
             log::warn!("{}: MSI-X vector {i}: {e}", self.name);
         }
     }

@@ -141,6 +141,14 @@ impl MsixTable {
         changed
     }
 
+    /// The route vector `i` must have: its message, masked when the entry is masked, the function is
+    /// masked, or MSI-X is disabled (the capability's message control).
+    pub fn route(&self, i: usize, enabled: bool, function_masked: bool) -> Option<MsixVector> {
+        let mut v = self.vector(i)?;
+        v.masked |= function_masked || !enabled;
+        Some(v)
+    }
+
     /// Vector `i`, if it exists.
     pub fn vector(&self, i: usize) -> Option<MsixVector> {
         let e = self
@@ -199,6 +207,23 @@ mod tests {
         let mut b = [0u8; 8];
         t.read(32, &mut b);
         assert_eq!(u64::from_le_bytes(b), 0x1_fee0_2000);
+    }
+
+    #[test]
+    fn routes_are_masked_by_entry_function_and_enable() {
+        let mut t = MsixTable::new(2);
+        t.write(0, &0xfee0_0000u32.to_le_bytes());
+        t.write(8, &0x31u32.to_le_bytes());
+        assert!(
+            t.route(0, true, false).unwrap().masked,
+            "entry still masked"
+        );
+        t.write(12, &0u32.to_le_bytes());
+        let r = t.route(0, true, false).unwrap();
+        assert_eq!((r.address, r.data, r.masked), (0xfee0_0000, 0x31, false));
+        assert!(t.route(0, true, true).unwrap().masked, "function mask");
+        assert!(t.route(0, false, false).unwrap().masked, "MSI-X disabled");
+        assert!(t.route(2, true, false).is_none());
     }
 
     #[test]
