@@ -52,6 +52,11 @@ fn bytes(t: &dyn Aml) -> Vec<u8> {
 
 /// The DSDT: the PCI host bridge (ECAM + 0xCF8, with its windows), COM1, the ECAM reservation, and `_S5_`.
 pub fn dsdt() -> Vec<u8> {
+    dsdt_with(&[])
+}
+
+/// The DSDT with `extra` AML appended to its body (e.g. `crate::hotplug::dsdt_aml`).
+pub fn dsdt_with(extra: &[u8]) -> Vec<u8> {
     // Each device is built and serialised in one statement: the AML builders borrow their children.
     let mut body = Vec::new();
     aml::Device::new(
@@ -126,6 +131,7 @@ pub fn dsdt() -> Vec<u8> {
         &aml::Package::new(vec![&5u8, &0u8, &0u8, &0u8]),
     )
     .to_aml_bytes(&mut body);
+    body.extend_from_slice(extra);
 
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     sdt.append_slice(&body);
@@ -176,6 +182,11 @@ fn mcfg() -> Vec<u8> {
 impl AcpiTables {
     /// Builds the tables and writes them at [`RSDP_START`]; returns the RSDP address.
     pub fn write(&self, mem: &GuestMemory) -> Result<u64, Error> {
+        self.write_with_dsdt(mem, &[])
+    }
+
+    /// As [`write`](Self::write), with `dsdt_extra` AML appended to the DSDT's body.
+    pub fn write_with_dsdt(&self, mem: &GuestMemory, dsdt_extra: &[u8]) -> Result<u64, Error> {
         let mut next = RSDP_START + 64; // RSDP (36 bytes) first, tables 64-byte aligned after it
         let mut place = |t: &[u8]| -> Result<u64, Error> {
             let at = next;
@@ -188,7 +199,7 @@ impl AcpiTables {
             next = end.next_multiple_of(64);
             Ok(at)
         };
-        let dsdt_addr = place(&dsdt())?;
+        let dsdt_addr = place(&dsdt_with(dsdt_extra))?;
         let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
         xsdt.add_entry(place(&fadt(dsdt_addr))?);
         xsdt.add_entry(place(&madt(self.cpus))?);

@@ -25,6 +25,9 @@ pub struct Cli {
 pub enum Command {
     /// Report what this host offers for passthrough (KVM, VFIO groups, IOMMU page sizes, hugepages, memlock).
     CheckHost(CheckHostArgs),
+    /// Talk to a running VMM's control API (like cloud-hypervisor's ch-remote): add-device, remove-device,
+    /// list-devices, info.
+    Remote(crate::api::client::RemoteArgs),
 }
 
 /// Arguments of `vmm check-host`.
@@ -71,6 +74,11 @@ pub struct RunArgs {
     /// must be bound to vfio-pci; `vmm` says how to bind it when it is not.
     #[arg(long = "device", value_name = "path=/sys/bus/pci/devices/<BDF>")]
     pub devices: Vec<crate::passthrough::DeviceSpec>,
+
+    /// Serve the control API on this Unix socket (`vmm remote --api-socket PATH ...`); also gives the
+    /// guest ACPI PCI hotplug slots, so devices can be added and removed while it runs.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 /// The default kernel command line: the console on COM1, reboot and poweroff through ACPI, and a panic

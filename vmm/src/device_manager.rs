@@ -5,8 +5,9 @@
 //! 0xcf8..0xcff and I/O BARs. MMIO: the ECAM window and trapped BARs. Anything else reads all-ones and
 //! ignores writes (logged at trace level).
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use devices::hotplug::{PciHotplugController, REGS_LEN};
 use devices::pci::PciBus;
 use devices::power::{AcpiPowerControl, PowerEvent, I8042};
 use devices::serial::SerialConsole;
@@ -26,6 +27,8 @@ pub struct DeviceManager {
     power: Mutex<AcpiPowerControl>,
     i8042: Mutex<I8042>,
     pci: Arc<PciBus>,
+    /// The PCI hotplug registers (first port, controller), when hotplug is on (`crate::hotplug`).
+    hotplug: OnceLock<(u16, Arc<PciHotplugController>)>,
 }
 
 fn power_exit(e: PowerEvent) -> VmExit {
@@ -43,7 +46,20 @@ impl DeviceManager {
             power: Mutex::new(AcpiPowerControl),
             i8042: Mutex::new(I8042),
             pci,
+            hotplug: OnceLock::new(),
         }
+    }
+
+    /// Puts the PCI hotplug controller's registers at ports `port..port + 16` (once).
+    pub fn set_hotplug(&self, port: u16, controller: Arc<PciHotplugController>) {
+        if self.hotplug.set((port, controller)).is_err() {
+            log::warn!("the PCI hotplug controller is already wired");
+        }
+    }
+
+    fn hotplug_at(&self, port: u16) -> Option<(u64, &PciHotplugController)> {
+        let (base, c) = self.hotplug.get()?;
+        (port >= *base && port < base + REGS_LEN).then(|| (u64::from(port - base), &**c))
     }
 
     /// The PCI bus.
@@ -82,6 +98,11 @@ impl ExitHandler for DeviceManager {
             }
             ACPI_POWER_PORT => data.fill(lock(&self.power).read()),
             I8042_DATA_PORT | I8042_CMD_PORT => data.fill(lock(&self.i8042).read()),
+            p if self.hotplug_at(p).is_some() => {
+                if let Some((off, c)) = self.hotplug_at(p) {
+                    c.read(off, data);
+                }
+            }
             _ => {
                 if !self.pci.pio_read(port, data) {
                     log::trace!("unhandled port read {port:#x} ({} bytes)", data.len());
@@ -112,6 +133,12 @@ impl ExitHandler for DeviceManager {
                 .and_then(|v| lock(&self.i8042).write_command(*v))
                 .map(power_exit),
             I8042_DATA_PORT => None,
+            p if self.hotplug_at(p).is_some() => {
+                if let Some((off, c)) = self.hotplug_at(p) {
+                    c.write(off, data);
+                }
+                None
+            }
             _ => {
                 match self.pci.pio_write(port, data) {
                     Ok(Some(_)) => {}

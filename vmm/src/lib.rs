@@ -16,11 +16,13 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod check_host;
 pub mod cli;
 pub mod device_manager;
 pub mod event_loop;
+pub mod hotplug;
 pub mod interrupts;
 pub mod layout;
 pub mod logging;
@@ -55,6 +57,12 @@ pub enum Error {
     /// Attaching a passthrough device.
     #[error(transparent)]
     PassthroughAttach(#[from] passthrough::AttachError),
+    /// Hotplug set-up.
+    #[error(transparent)]
+    Hotplug(#[from] hotplug::Error),
+    /// The control API socket.
+    #[error(transparent)]
+    Api(#[from] api::Error),
     /// Guest memory.
     #[error(transparent)]
     Memory(#[from] memory::Error),
@@ -135,7 +143,12 @@ pub fn run(args: cli::RunArgs) -> Result<ExitCode, Error> {
     };
     let cpus = args.cpus.boot;
     let vm = vm::Vm::new(cpus, mem, serial)?;
-    let passthrough = match checked.is_empty() {
+    // With an API socket, the hotplug manager owns every passthrough device (the --device ones too).
+    let hotplug = match &args.api_socket {
+        Some(_) => Some(hotplug::Hotplug::new(&vm, &checked)?),
+        None => None,
+    };
+    let passthrough = match checked.is_empty() || hotplug.is_some() {
         true => None,
         false => Some(passthrough::attach(
             &checked,
@@ -156,7 +169,13 @@ pub fn run(args: cli::RunArgs) -> Result<ExitCode, Error> {
         cpus,
         extra: Vec::new(),
     }
-    .write(vm.memory())?;
+    .write_with_dsdt(
+        vm.memory(),
+        &hotplug
+            .as_ref()
+            .map(|_| hotplug::dsdt_aml())
+            .unwrap_or_default(),
+    )?;
     vm.configure_linux(&boot)?;
     log::info!(
         "starting {} vCPU(s), {} MiB of RAM, entry {:#x}, set-up took {:?}",
@@ -165,12 +184,19 @@ pub fn run(args: cli::RunArgs) -> Result<ExitCode, Error> {
         boot.entry,
         started.elapsed()
     );
+    let api = match (hotplug, &args.api_socket) {
+        (Some(h), Some(path)) => Some(api::ApiServer::start(path, h)?),
+        _ => None,
+    };
     let running = vm.start()?;
     let _raw = matches!(args.serial, cli::SerialArg::Tty)
         .then(RawTerminal::enter)
         .flatten();
     let exit = event_loop::run(&running, matches!(args.serial, cli::SerialArg::Tty));
     let stopped = running.stop(Duration::from_secs(5));
+    if let Some(api) = api {
+        drop(api.shutdown()); // hotplugged devices released through the component, vCPUs stopped
+    }
     drop(passthrough); // released through the IOMMU component once the vCPUs are stopped
     drop(_raw);
     let exit = exit?;

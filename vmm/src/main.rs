@@ -11,6 +11,7 @@ fn main() -> ExitCode {
     // Each command has its own error type; here they only need to be shown.
     let result: Result<ExitCode, Box<dyn std::error::Error>> = match cli.command {
         Some(Command::CheckHost(args)) => vmm::check_host::run(&args).map_err(Into::into),
+        Some(Command::Remote(args)) => vmm::api::client::run(&args).map_err(Into::into),
         None => vmm::run(cli.run).map_err(Into::into),
     };
     match result {
