@@ -6,3 +6,4 @@ pub mod pci;
 pub mod power;
 pub mod serial;
 pub mod vfio_pci;
+pub mod cmos;

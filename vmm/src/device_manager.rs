@@ -1,12 +1,14 @@
 //! The wiring between vCPU exits and the devices: which port or address belongs to which device. The
 //! devices themselves live in the `devices` crate; this module only routes.
 //!
-//! Port map: COM1 0x3f8..0x3ff, the i8042 0x60/0x64, the ACPI power register 0x3c0, the PCI config ports
+//! Port map: COM1 0x3f8..0x3ff, the i8042 0x60/0x64, the CMOS RTC 0x70/0x71, the ACPI power register 0x3c0,
+//! the PCI config ports
 //! 0xcf8..0xcff and I/O BARs. MMIO: the ECAM window and trapped BARs. Anything else reads all-ones and
 //! ignores writes (logged at trace level).
 
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use devices::cmos::{Cmos, CMOS_DATA_PORT, CMOS_INDEX_PORT};
 use devices::hotplug::{PciHotplugController, REGS_LEN};
 use devices::pci::PciBus;
 use devices::power::{AcpiPowerControl, PowerEvent, I8042};
@@ -26,6 +28,7 @@ pub struct DeviceManager {
     serial: Option<Mutex<SerialConsole>>,
     power: Mutex<AcpiPowerControl>,
     i8042: Mutex<I8042>,
+    cmos: Mutex<Cmos>,
     pci: Arc<PciBus>,
     /// The PCI hotplug registers (first port, controller), when hotplug is on (`crate::hotplug`).
     hotplug: OnceLock<(u16, Arc<PciHotplugController>)>,
@@ -45,6 +48,7 @@ impl DeviceManager {
             serial: serial.map(Mutex::new),
             power: Mutex::new(AcpiPowerControl),
             i8042: Mutex::new(I8042),
+            cmos: Mutex::new(Cmos::new()),
             pci,
             hotplug: OnceLock::new(),
         }
@@ -97,6 +101,7 @@ impl ExitHandler for DeviceManager {
                 }
             }
             ACPI_POWER_PORT => data.fill(lock(&self.power).read()),
+            CMOS_INDEX_PORT | CMOS_DATA_PORT => data.fill(lock(&self.cmos).read(port)),
             I8042_DATA_PORT | I8042_CMD_PORT => data.fill(lock(&self.i8042).read()),
             p if self.hotplug_at(p).is_some() => {
                 if let Some((off, c)) = self.hotplug_at(p) {
@@ -124,15 +129,25 @@ impl ExitHandler for DeviceManager {
                 }
                 None
             }
-            ACPI_POWER_PORT => data
-                .first()
-                .and_then(|v| lock(&self.power).write(*v))
-                .map(power_exit),
-            I8042_CMD_PORT => data
-                .first()
-                .and_then(|v| lock(&self.i8042).write_command(*v))
-                .map(power_exit),
+            ACPI_POWER_PORT => {
+                log::info!("guest wrote {data:x?} to the ACPI sleep control / reset register");
+                data.first()
+                    .and_then(|v| lock(&self.power).write(*v))
+                    .map(power_exit)
+            }
+            I8042_CMD_PORT => {
+                log::debug!("guest wrote {data:x?} to the i8042 command port");
+                data.first()
+                    .and_then(|v| lock(&self.i8042).write_command(*v))
+                    .map(power_exit)
+            }
             I8042_DATA_PORT => None,
+            CMOS_INDEX_PORT | CMOS_DATA_PORT => {
+                if let Some(v) = data.first() {
+                    lock(&self.cmos).write(port, *v);
+                }
+                None
+            }
             p if self.hotplug_at(p).is_some() => {
                 if let Some((off, c)) = self.hotplug_at(p) {
                     c.write(off, data);

@@ -3,6 +3,7 @@
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +20,26 @@ pub enum Error {
     /// epoll failed.
     #[error("event loop: {0}")]
     EventManager(String),
+    /// A signal handler could not be installed.
+    #[error("cannot handle signal {0}: {1}")]
+    Signal(i32, String),
+}
+
+/// The termination signal received, or 0.
+static TERMINATE: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_terminate(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    TERMINATE.store(sig, Ordering::SeqCst);
+}
+
+/// Makes SIGTERM, SIGINT and SIGHUP end the VM cleanly (vCPUs stopped, devices released, terminal
+/// restored) instead of killing the process: [`run`] returns [`VmExit::Terminated`] within 200 ms.
+pub fn handle_termination_signals() -> Result<(), Error> {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_terminate)
+            .map_err(|e| Error::Signal(sig, e.to_string()))?;
+    }
+    Ok(())
 }
 
 struct ExitWatch {
@@ -111,6 +132,10 @@ pub fn run(vm: &RunningVm, console_input: bool) -> Result<VmExit, Error> {
         }
         if let Some(e) = vm.wait_exit(Duration::ZERO) {
             return Ok(e);
+        }
+        let sig = TERMINATE.load(Ordering::SeqCst);
+        if sig != 0 {
+            return Ok(VmExit::Terminated(sig));
         }
         if vm.running_vcpus() == 0 {
             return Ok(VmExit::Error(

@@ -13,7 +13,8 @@
 //! 0xe000_0000  ECAM (bus 0 only: 1 MiB)
 //! 0xfec0_0000  IOAPIC; 0xfee0_0000 LAPIC
 //! 0x1_0000_0000  RAM above 3 GiB of the guest's size continues here
-//! 0x100_0000_0000 (1 TiB)  64-bit PCI MMIO window (64 GiB)
+//! 0x40_0000_0000 (256 GiB)  64-bit PCI MMIO window (64 GiB), ending below 2^39 so that every x86-64
+//!                            CPU can address it (Linux ignores windows beyond the CPU's physical bits)
 //! ```
 
 /// GDT address.
@@ -58,8 +59,8 @@ pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
 /// Start of RAM above 4 GiB.
 pub const HIGH_RAM_4G: u64 = 0x1_0000_0000;
-/// 64-bit PCI MMIO window start (1 TiB: needs 41 physical address bits).
-pub const MMIO64_START: u64 = 0x100_0000_0000;
+/// 64-bit PCI MMIO window start (256 GiB; the window ends at 320 GiB, below 2^39).
+pub const MMIO64_START: u64 = 0x40_0000_0000;
 /// Size of the 64-bit PCI MMIO window.
 pub const MMIO64_SIZE: u64 = 64 << 30;
 /// PCI I/O port window for I/O BARs.
@@ -81,3 +82,15 @@ pub const I8042_CMD_PORT: u16 = 0x64;
 pub const ACPI_POWER_PORT: u16 = 0x3c0;
 /// Number of IOAPIC pins; MSI GSIs start here.
 pub const IOAPIC_PINS: u32 = 24;
+
+// The layout's invariants, checked at compile time.
+const _: () = {
+    // The 64-bit window is addressable by every x86-64 CPU (39 physical address bits or more).
+    assert!(MMIO64_START + MMIO64_SIZE <= 1 << 39);
+    // RAM above 4 GiB stays below the 64-bit window.
+    assert!(HIGH_RAM_4G + (MAX_RAM - LOW_RAM_END) <= MMIO64_START);
+    assert!(MMIO32_START + MMIO32_SIZE <= ECAM_START);
+    assert!(ECAM_START + ECAM_SIZE <= IOAPIC_START);
+    assert!(RSDP_START >= EBDA_START && ACPI_END == HIGH_RAM_START);
+    assert!(PDE_START + 4 * 0x1000 <= CMDLINE_START);
+};

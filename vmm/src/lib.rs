@@ -8,7 +8,8 @@
 //! devices), [`event_loop`] (the main thread), [`cli`].
 //!
 //! Exit status of `vmm`: 0 when the guest powers off; 2 when it resets (reboot, panic with `panic=-1`,
-//! triple fault: iovmm does not restart guests); 1 on any error.
+//! triple fault: iovmm does not restart guests); 128 + N when stopped by signal N (SIGTERM, SIGINT, SIGHUP:
+//! the VM is stopped and its devices released first); 1 on any error.
 
 use std::fs::File;
 use std::io::IsTerminal;
@@ -184,6 +185,7 @@ pub fn run(args: cli::RunArgs) -> Result<ExitCode, Error> {
         boot.entry,
         started.elapsed()
     );
+    event_loop::handle_termination_signals()?;
     let api = match (hotplug, &args.api_socket) {
         (Some(h), Some(path)) => Some(api::ApiServer::start(path, h)?),
         _ => None,
@@ -209,5 +211,11 @@ pub fn run(args: cli::RunArgs) -> Result<ExitCode, Error> {
             Ok(ExitCode::from(EXIT_GUEST_RESET))
         }
         vcpu::VmExit::Error(e) => Err(Error::Guest(e)),
+        vcpu::VmExit::Terminated(sig) => {
+            eprintln!(
+                "vmm: stopped by signal {sig}; the guest was stopped and its devices released"
+            );
+            Ok(ExitCode::from(128u8.saturating_add(sig as u8)))
+        }
     }
 }

@@ -41,6 +41,8 @@ pub enum VmExit {
     Reset,
     /// Something went wrong; the message says what.
     Error(String),
+    /// The VMM itself was asked to stop by this signal (SIGTERM, SIGINT, SIGHUP).
+    Terminated(i32),
 }
 
 /// The device side of vCPU exits (implemented by the device wiring). Returning `Some` stops the VM.

@@ -46,18 +46,50 @@ fn kernel_that_is_not_a_bzimage() {
     assert!(err.contains("is not a bootable x86-64 bzImage"), "{err}");
 }
 
-#[test]
-fn missing_initramfs() {
-    // The kernel check comes first, so give a header that passes it: build a minimal bzImage-looking file.
+/// A file with a bzImage header good enough for the loader, whose 64-bit entry is `jmp $`.
+fn fake_bzimage() -> Vec<u8> {
     let mut img = vec![0u8; 0x1000 * 4];
-    img[0x1f1] = 4; // setup_sects
+    img[0x1f1] = 4; // setup_sects: the payload starts at (4 + 1) * 512 = 0xa00
     img[0x202..0x206].copy_from_slice(b"HdrS");
     img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // protocol 2.15
     img[0x211] = 1; // loadflags: LOADED_HIGH
     img[0x214..0x218].copy_from_slice(&0x100000u32.to_le_bytes()); // code32_start
     img[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // xloadflags: XLF_KERNEL_64
     img[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
-    let k = scratch("fake-bzimage", &img);
+    img[0xa00 + 0x200..0xa00 + 0x202].copy_from_slice(&[0xeb, 0xfe]); // startup_64: jmp $
+    img
+}
+
+#[test]
+fn sigterm_stops_the_vm_and_exits_143() {
+    let k = scratch("spinning-bzimage", &fake_bzimage());
+    let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args([
+            "--kernel",
+            k.to_str().unwrap_or(""),
+            "--memory",
+            "size=64M",
+            "--serial",
+            "off",
+            "--cpus",
+            "2",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start vmm");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().expect("wait for vmm");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{err}");
+    assert!(err.contains("stopped by signal 15"), "{err}");
+}
+
+#[test]
+fn missing_initramfs() {
+    // The kernel check comes first, so give it a header that passes.
+    let k = scratch("fake-bzimage", &fake_bzimage());
     let (code, err) = vmm(&[
         "--kernel",
         k.to_str().unwrap_or(""),

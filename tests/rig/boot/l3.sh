@@ -14,3 +14,17 @@ rig_check "MemTotal ($memkb kB) agrees with 512 MiB" test "$memkb" -gt 430000 -a
 rig_check "the PCI host bridge 00:00.0 is seen" test -e /sys/bus/pci/devices/0000:00:00.0 || true
 echo "level 3: PCI $(cat /sys/bus/pci/devices/0000:00:00.0/vendor 2>/dev/null):$(cat /sys/bus/pci/devices/0000:00:00.0/device 2>/dev/null)"
 rig_check "ACPI is on (the MADT and DSDT were read)" test -e /sys/firmware/acpi/tables/DSDT || true
+# The console's interrupt (GSI 4) comes through a KVM irqfd; the guest must have taken some (tty output
+# uses THRE interrupts unless the port fell back to polling, which /proc/tty/driver/serial shows as irq:0).
+echo "level 3: $(grep -m1 '^0:' /proc/tty/driver/serial)"
+irqline=$(grep -m1 'ttyS0' /proc/interrupts || true)
+echo "level 3: /proc/interrupts: $irqline"
+irqn=$(echo "$irqline" | awk '{ n = 0; for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) n += $i; print n }')
+rig_check "the console's interrupt was delivered (count ${irqn:-none})" test "${irqn:-0}" -gt 0 || true
+echo "level 3: selected kernel messages:"
+dmesg | grep -iE 'ttyS|8250|serial|pnp|mmconf|ecam|PCI: Using|ACPI: (FACP|APIC|MCFG|DSDT)|clocksource: Switched|smpboot: Total|x86/cpu|Firmware Bug|unchecked MSR|WARNING' \
+  | head -n 30 | sed 's/^/  dmesg: /'
+if grep -q 'rig.reboot' /proc/cmdline; then
+  echo "level 3: rig.reboot on the command line: rebooting instead of powering off"
+  reboot -f
+fi
