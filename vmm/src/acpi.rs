@@ -191,7 +191,7 @@ impl AcpiTables {
         let mut place = |t: &[u8]| -> Result<u64, Error> {
             let at = next;
             let end = at + t.len() as u64;
-            if end > ACPI_END {
+            if end > RESET_VECTOR {
                 return Err(Error::TooBig(end - RSDP_START));
             }
             mem.write_slice(t, GuestAddress(at))

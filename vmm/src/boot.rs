@@ -121,6 +121,20 @@ pub const BOOT_GDT: [u64; 5] = [
     0x008f_8b00_0000_ffff, // busy 64-bit TSS
 ];
 
+/// The reset-vector stub: `mov al, 1; mov dx, ACPI_POWER_PORT; out dx, al; hlt; jmp $-1` (the ACPI
+/// reset value to the reset register, which the VMM turns into a reset exit).
+pub const RESET_STUB: [u8; 10] = [0xb0, 0x01, 0xba, 0xc0, 0x03, 0xee, 0xf4, 0xeb, 0xfd, 0x90];
+
+/// Writes [`RESET_STUB`] at [`RESET_VECTOR`].
+pub fn write_reset_vector(mem: &GuestMemory) -> Result<(), Error> {
+    const _: () = assert!(ACPI_POWER_PORT == 0x3c0 && devices::power::RESET_VALUE == 1);
+    mem.write_slice(&RESET_STUB, GuestAddress(RESET_VECTOR))
+        .map_err(|e| Error::GuestWrite {
+            what: "reset vector",
+            reason: e.to_string(),
+        })
+}
+
 /// Writes the boot GDT, an empty IDT and page tables identity-mapping 0..4 GiB with 2 MiB pages.
 pub fn write_gdt_and_page_tables(mem: &GuestMemory) -> Result<(), Error> {
     for (i, e) in BOOT_GDT.iter().enumerate() {
@@ -154,6 +168,22 @@ pub fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
     v.push((ECAM_START, ECAM_SIZE, E820_RESERVED));
     v.sort_unstable();
     v
+}
+
+/// The command line the guest gets: the user's, plus `reboot=acpi` unless it already says `reboot=`.
+///
+/// Why: on a hardware-reduced ACPI platform without DMI, Linux assumes EFI and picks EFI reboot, which
+/// without EFI falls through to jumping into a BIOS that does not exist. `reboot=acpi` makes it write the
+/// FADT reset register, which the VMM turns into a reset (and the reset-vector stub catches the rest).
+pub fn guest_cmdline(user: &str) -> String {
+    let user = user.trim();
+    if user.split_whitespace().any(|w| w.starts_with("reboot=")) {
+        user.to_string()
+    } else if user.is_empty() {
+        "reboot=acpi".to_string()
+    } else {
+        format!("{user} reboot=acpi")
+    }
 }
 
 /// Loads `kernel` (a bzImage), `initramfs` and `cmdline` into `mem`, writes the zero page and boot tables.
@@ -207,8 +237,9 @@ pub fn load_linux(
     params.hdr.heap_end_ptr = 0xfe00;
 
     // Command line.
+    let cmdline = guest_cmdline(cmdline);
     let mut cl = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| Error::Cmdline(e.to_string()))?;
-    cl.insert_str(cmdline)
+    cl.insert_str(&cmdline)
         .map_err(|e| Error::Cmdline(e.to_string()))?;
     linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cl)
         .map_err(|e| Error::Cmdline(e.to_string()))?;
@@ -269,6 +300,7 @@ pub fn load_linux(
         reason: e.to_string(),
     })?;
     write_gdt_and_page_tables(mem)?;
+    write_reset_vector(mem)?;
     let entry = loaded
         .kernel_load
         .checked_add(0x200)
@@ -293,6 +325,22 @@ mod tests {
         assert!(m.contains(&(ECAM_START, ECAM_SIZE, E820_RESERVED)));
         let big = e820_map(4 << 30);
         assert!(big.contains(&(HIGH_RAM_4G, (4 << 30) - LOW_RAM_END, E820_RAM)));
+    }
+
+    #[test]
+    fn reboot_acpi_is_added_unless_given() {
+        assert_eq!(guest_cmdline("console=ttyS0"), "console=ttyS0 reboot=acpi");
+        assert_eq!(guest_cmdline(""), "reboot=acpi");
+        assert_eq!(guest_cmdline("reboot=k quiet"), "reboot=k quiet");
+    }
+
+    #[test]
+    fn reset_vector_stub_is_written() {
+        let mem = create(64 << 20, Backing::Anonymous { thp: false }).unwrap_or_default();
+        assert!(write_reset_vector(&mem).is_ok());
+        let mut b = [0u8; 10];
+        assert!(mem.read_slice(&mut b, GuestAddress(RESET_VECTOR)).is_ok());
+        assert_eq!(b, RESET_STUB);
     }
 
     #[test]

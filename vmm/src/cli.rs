@@ -49,7 +49,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub initramfs: Option<PathBuf>,
 
-    /// The guest kernel command line.
+    /// The guest kernel command line (`reboot=acpi` is appended unless it already says `reboot=`).
     #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
 

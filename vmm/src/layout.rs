@@ -39,8 +39,12 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const EBDA_START: u64 = 0x9fc00;
 /// The RSDP (found by Linux's scan of 0xe0000..0x100000, and passed in boot_params too).
 pub const RSDP_START: u64 = 0xe0000;
-/// End of the ACPI area.
+/// End of the reserved area below 1 MiB.
 pub const ACPI_END: u64 = 0x100000;
+/// The x86 reset vector (0xf000:0xfff0). There is no BIOS: a stub here asks the VMM for a reset, so a
+/// guest that jumps to it (Linux's `reboot=bios` path, taken when every other method failed) ends the VM
+/// instead of running through zeros forever.
+pub const RESET_VECTOR: u64 = 0xffff0;
 /// Where high memory (the kernel) starts.
 pub const HIGH_RAM_START: u64 = 0x100000;
 /// End of RAM below 4 GiB (the rest of the guest's RAM goes above 4 GiB).
@@ -92,5 +96,6 @@ const _: () = {
     assert!(MMIO32_START + MMIO32_SIZE <= ECAM_START);
     assert!(ECAM_START + ECAM_SIZE <= IOAPIC_START);
     assert!(RSDP_START >= EBDA_START && ACPI_END == HIGH_RAM_START);
+    assert!(RSDP_START < RESET_VECTOR && RESET_VECTOR + 16 == ACPI_END);
     assert!(PDE_START + 4 * 0x1000 <= CMDLINE_START);
 };

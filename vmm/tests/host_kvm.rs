@@ -212,6 +212,18 @@ fn i8042_reset_is_reported_as_reset() {
     assert_eq!(exit, Some(VmExit::Reset));
 }
 
+#[test]
+fn a_jump_to_the_reset_vector_is_a_reset() {
+    let (vm, _) = new_vm(1, 64 << 20);
+    vmm::boot::write_reset_vector(vm.memory()).expect("reset stub");
+    load(&vm, 0x1000, &[0xea, 0xf0, 0xff, 0x00, 0xf0]); // jmp 0xf000:0xfff0
+    real_mode(&vm.vcpus()[0], 0x1000, false);
+    let running = vm.start().expect("start");
+    let exit = running.wait_exit(TIMEOUT);
+    running.stop(TIMEOUT).expect("vCPUs stop");
+    assert_eq!(exit, Some(VmExit::Reset));
+}
+
 /// (BAR, offset, bytes) of one guest write.
 type BarWrite = (u8, u64, Vec<u8>);
 
