@@ -1,0 +1,15 @@
+# shellcheck shell=sh
+# The level-3 side of `hotplug`: waits for the igb to arrive (ACPI hotplug), binds it, pings; waits for it to
+# leave; waits for it to come back and pings again. Progress markers (RIG-HP: ...) tell level 2 when to act.
+# Sourced by resources/guest-init as /test.sh (rig_check/rig_pass/rig_fail come from there); it then powers off.
+. /hp-lib.sh
+echo "RIG-HP: level 3 up; acpiphp slots: $(ls /sys/bus/pci/slots 2>/dev/null | tr '\n' ' ')"
+rig_check "level 3 has ACPI hotplug slots (/sys/bus/pci/slots)" test -n "$(ls /sys/bus/pci/slots 2>/dev/null)" || true
+modprobe igb || true
+rig_check "no igb at boot" sh -c '! hp_find_igb_cmd' || true
+echo "RIG-HP: ready"
+hp_round 1
+hp_wait_gone 1
+hp_round 2
+hp_wait_gone 2
+echo "RIG-HP: level 3 done"
