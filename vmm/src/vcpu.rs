@@ -101,7 +101,55 @@ pub fn cpuid_for(supported: &CpuId, id: u8, count: u8) -> CpuId {
             _ => {}
         }
     }
+    fill_brand_string(&mut c);
     c
+}
+
+/// The processor brand string shown when KVM passes none (nested KVM under emulation reports zeros,
+/// and Linux's /proc/cpuinfo then says "model name: 06/06").
+pub const BRAND: &[u8; 48] =
+    b"iovmm virtual CPU\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+
+fn fill_brand_string(c: &mut CpuId) {
+    let max_ext = c
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0x8000_0000)
+        .map(|e| e.eax)
+        .unwrap_or(0);
+    if max_ext < 0x8000_0004 {
+        return;
+    }
+    let leaves = [0x8000_0002u32, 0x8000_0003, 0x8000_0004];
+    let has_brand = c
+        .as_slice()
+        .iter()
+        .any(|e| leaves.contains(&e.function) && (e.eax | e.ebx | e.ecx | e.edx) != 0);
+    if has_brand {
+        return;
+    }
+    for (i, leaf) in leaves.iter().enumerate() {
+        let w = |k: usize| {
+            let o = i * 16 + k * 4;
+            u32::from_le_bytes([BRAND[o], BRAND[o + 1], BRAND[o + 2], BRAND[o + 3]])
+        };
+        let regs = (w(0), w(1), w(2), w(3));
+        if let Some(e) = c.as_mut_slice().iter_mut().find(|e| e.function == *leaf) {
+            (e.eax, e.ebx, e.ecx, e.edx) = regs;
+        } else {
+            let e = kvm_bindings::kvm_cpuid_entry2 {
+                function: *leaf,
+                eax: regs.0,
+                ebx: regs.1,
+                ecx: regs.2,
+                edx: regs.3,
+                ..Default::default()
+            };
+            if c.push(e).is_err() {
+                log::debug!("no room for CPUID leaf {leaf:#x}; no brand string");
+            }
+        }
+    }
 }
 
 /// Sets `msrs` on `vcpu` one run at a time; MSRs KVM refuses are logged and skipped. Returns how many were set.
@@ -286,6 +334,45 @@ pub fn run_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn brand_string_is_filled_only_when_missing() {
+        use kvm_bindings::kvm_cpuid_entry2;
+        let ext = kvm_cpuid_entry2 {
+            function: 0x8000_0000,
+            eax: 0x8000_0008,
+            ..Default::default()
+        };
+        let empty = CpuId::from_entries(&[ext]).expect("small CpuId");
+        let c = cpuid_for(&empty, 0, 1);
+        let mut brand = Vec::new();
+        for leaf in [0x8000_0002u32, 0x8000_0003, 0x8000_0004] {
+            let e = c
+                .as_slice()
+                .iter()
+                .find(|e| e.function == leaf)
+                .copied()
+                .unwrap_or_default();
+            for r in [e.eax, e.ebx, e.ecx, e.edx] {
+                brand.extend_from_slice(&r.to_le_bytes());
+            }
+        }
+        assert!(brand.starts_with(b"iovmm virtual CPU\0"));
+        let host = kvm_cpuid_entry2 {
+            function: 0x8000_0002,
+            eax: 0x4141_4141,
+            ..Default::default()
+        };
+        let given = CpuId::from_entries(&[ext, host]).expect("small CpuId");
+        let c = cpuid_for(&given, 0, 1);
+        let e = c
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 0x8000_0002)
+            .copied()
+            .unwrap_or_default();
+        assert_eq!(e.eax, 0x4141_4141, "the host's brand string is kept");
+    }
 
     #[test]
     fn boot_segments_are_flat_long_mode() {
