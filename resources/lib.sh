@@ -89,8 +89,7 @@ res_deb_fetch() {
       res_apt_update force
       (cd "$dir" && _res_apt apt-get download "$pkg=$ver" >&2) || die "cannot download $pkg=$ver"
     fi
-    f=$(find "$dir" -maxdepth 1 -name "${pkg}_*.deb" -newer "$IOVMM_CACHE/apt/lists/.updated" | head -n1)
-    [ -n "$f" ] || f=$(find "$dir" -maxdepth 1 -name "${pkg}_*.deb" | sort -V | tail -n1)
+    f=$(find "$dir" -maxdepth 1 -name "${pkg}_$(printf '%s' "$ver" | sed 's/:/%3a/')_*.deb" | head -n1)
   fi
   [ -f "$f" ] || die "downloaded $pkg=$ver but cannot find its .deb in $dir"
   echo "$f"
