@@ -441,6 +441,8 @@ pub struct Hotplug {
     next_id: u32,
     scratch: Option<Scratch>,
     ejected_fd: RawFd,
+    /// Readable when the API server stops (the VMM is ending): waits give up.
+    stop_fd: Option<RawFd>,
     _ged_irq: EventFd,
     released: bool,
 }
@@ -520,6 +522,7 @@ impl Hotplug {
             next_id: 0,
             scratch: None,
             ejected_fd,
+            stop_fd: None,
             _ged_irq: irq,
             released: false,
         };
@@ -879,13 +882,20 @@ impl Hotplug {
                 });
             }
             let ms = left.as_millis().min(200) as i32;
-            let mut p = libc::pollfd {
-                fd: self.ejected_fd,
+            let mut p = [self.ejected_fd, self.stop_fd.unwrap_or(-1)].map(|fd| libc::pollfd {
+                fd,
                 events: libc::POLLIN,
                 revents: 0,
-            };
-            // SAFETY: one valid pollfd for the duration of the call.
-            unsafe { libc::poll(&mut p, 1, ms) };
+            });
+            // SAFETY: two valid pollfds (a negative fd is ignored) for the duration of the call.
+            unsafe { libc::poll(p.as_mut_ptr(), 2, ms) };
+            if p[1].revents != 0 {
+                return Err(Error::BadState {
+                    id,
+                    state: "unplugging",
+                    what: "the VMM is stopping; it will release the device".into(),
+                });
+            }
         }
     }
 
@@ -1116,6 +1126,10 @@ impl Backend for Hotplug {
 
     fn on_wake(&mut self) {
         self.process_ejected();
+    }
+
+    fn set_stop_fd(&mut self, fd: RawFd) {
+        self.stop_fd = Some(fd);
     }
 }
 

@@ -162,6 +162,11 @@ pub trait Backend: Send + 'static {
     }
     /// Called when [`wake_fd`](Self::wake_fd) is readable.
     fn on_wake(&mut self) {}
+    /// Called once by the server thread before it serves: `fd` becomes readable when the server is asked to
+    /// stop, so a request that waits (for the guest) can give up early.
+    fn set_stop_fd(&mut self, fd: RawFd) {
+        let _ = fd;
+    }
 }
 
 /// Errors of starting the API.
@@ -280,6 +285,7 @@ fn poll_in(fds: &[RawFd], timeout_ms: i32) -> Vec<bool> {
 }
 
 fn serve<B: Backend>(listener: UnixListener, stop: EventFd, mut backend: B) -> B {
+    backend.set_stop_fd(stop.as_raw_fd());
     loop {
         let mut fds = vec![stop.as_raw_fd(), listener.as_raw_fd()];
         if let Some(w) = backend.wake_fd() {
