@@ -1,5 +1,5 @@
 # shellcheck shell=sh
-# vmm boots the Debian kernel at level 3 (2 vCPUs, 512 MiB; then on hugepages); guest agrees; vmm exits 0
+# vmm boots the Debian kernel at level 3 (2 vCPUs, 512 MiB; 4K pages, hugepages); guest agrees; exit 0 (2 on reboot)
 # Runs at level 2 after the rig's set-up (docs/rig.md). Each check prints RIG-RESULT PASS/FAIL.
 
 # boot_once LABEL MEMORY-ARG: one boot of level 3; checks the exit status, the marker and the poweroff, and
@@ -35,6 +35,13 @@ boot_once "4K pages" "size=512M"
 hp_before=$(awk '/^HugePages_Free:/ { print $2 }' /proc/meminfo)
 echo "RIG-L2: free hugepages before the hugepages=on boot: $hp_before"
 boot_once "hugepages" "size=512M,hugepages=on"
+
+# A guest reboot ends vmm with status 2 (iovmm does not restart guests), not 0.
+rc=0
+rig_vmm -t 600 --kernel "$RIG_L3_KERNEL" --initramfs "$RIG_L3_INITRD" --cmdline "$RIG_L3_CMDLINE rig.reboot" \
+  --cpus boot=2 --memory size=512M || rc=$?
+rig_check "a guest reboot ends vmm with status 2 (exit $rc)" test "$rc" = 2 || true
+rig_grep "and vmm says why" "$RIG_OUT/vmm.log" 'the guest reset' || true
 
 # A request the host cannot serve is a clear error, not a crash.
 echo 0 >/proc/sys/vm/nr_hugepages
