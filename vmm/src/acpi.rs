@@ -50,7 +50,8 @@ fn bytes(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The DSDT: the PCI host bridge (ECAM + 0xCF8, with its windows), COM1, the ECAM reservation, and `_S5_`.
+/// The DSDT: the PCI host bridge (ECAM + 0xCF8, with its windows), COM1, the CMOS RTC, the ECAM
+/// reservation, and `_S5_`.
 pub fn dsdt() -> Vec<u8> {
     dsdt_with(&[])
 }
@@ -122,6 +123,18 @@ pub fn dsdt_with(extra: &[u8]) -> Vec<u8> {
                     &aml::Interrupt::new(true, true, false, false, COM1_IRQ),
                     &aml::IO::new(COM1_PORT, COM1_PORT, 0, 0x8),
                 ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+    // The CMOS RTC (devices::cmos), without an interrupt: rtc_cmos binds and reads the time.
+    aml::Device::new(
+        "_SB_.RTC_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::IO::new(0x70, 0x70, 1, 0x2)]),
             ),
         ],
     )
@@ -278,6 +291,6 @@ mod tests {
     fn dsdt_names_the_host_bridge_and_s5() {
         let d = dsdt();
         let has = |s: &[u8]| d.windows(s.len()).any(|w| w == s);
-        assert!(has(b"PCI0") && has(b"_S5_") && has(b"COM1") && has(b"_CRS"));
+        assert!(has(b"PCI0") && has(b"_S5_") && has(b"COM1") && has(b"RTC_") && has(b"_CRS"));
     }
 }
