@@ -414,11 +414,11 @@ impl VfioPciDevice {
                 }
             }
         }
-        log::debug!(
-            "{}: memory decode {}: BAR slots {}",
+        log::info!(
+            "{}: memory decode {}: {} BAR part(s) mapped directly into the guest",
             self.name,
             if mem { "on" } else { "off" },
-            if mem { "mapped" } else { "removed" }
+            self.slots.iter().map(Vec::len).sum::<usize>()
         );
     }
 

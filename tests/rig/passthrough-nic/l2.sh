@@ -12,6 +12,8 @@ rig_grep "vmm opened the igb in a container of its own" "$RIG_OUT/vmm.log" \
   "vfio: opened $RIG_NIC_SYSFS \\(group $RIG_NIC_GROUP\\) in a container of its own" || true
 rig_grep "vmm logged the guest-RAM map calls (one per region, 256 MiB)" "$RIG_OUT/vmm.log" \
   'DMA-mapped IOVA=GPA: 1 VFIO_IOMMU_MAP_DMA call\(s\), 268435456 bytes' || true
+rig_grep "BARs are mapped into KVM memory slots once the guest enables memory decode" "$RIG_OUT/vmm.log" \
+  'memory decode on: [1-9][0-9]* BAR part\(s\) mapped directly into the guest' || true
 rig_grep "vmm enabled MSI-X through irqfds" "$RIG_OUT/vmm.log" 'MSI-X enabled, [0-9]+ vectors signalled through irqfds' || true
 rig_grep "vmm released the igb through the component" "$RIG_OUT/vmm.log" \
   "passthrough: $RIG_NIC_BDF released \\(release domain, then fds closed\\)" || true
