@@ -61,6 +61,37 @@ fn fake_bzimage() -> Vec<u8> {
 }
 
 #[test]
+fn a_tiny_kernel_boots_writes_the_console_file_and_powers_off() {
+    // The 64-bit entry (startup_64) runs at CPL0 with the boot state the VMM set up (GDT, page tables,
+    // long mode): it prints "hi" on COM1 and powers off through the ACPI sleep control register.
+    let mut img = fake_bzimage();
+    let code = [
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'h', 0xee, // mov al, 'h'; out dx, al
+        0xb0, b'i', 0xee, // mov al, 'i'; out dx, al
+        0xb0, 0x34, // mov al, (5 << 2) | SLP_EN
+        0x66, 0xba, 0xc0, 0x03, // mov dx, 0x3c0
+        0xee, // out dx, al
+        0xeb, 0xfe, // jmp $
+    ];
+    img[0xa00 + 0x200..0xa00 + 0x200 + code.len()].copy_from_slice(&code);
+    let k = scratch("hi-bzimage", &img);
+    let console = k.with_file_name("console.txt");
+    let (code, err) = vmm(&[
+        "--kernel",
+        k.to_str().unwrap_or(""),
+        "--memory",
+        "size=64M",
+        "--cpus",
+        "boot=2",
+        "--serial",
+        &format!("file={}", console.display()),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read_to_string(&console).unwrap_or_default(), "hi");
+}
+
+#[test]
 fn sigterm_stops_the_vm_and_exits_143() {
     let k = scratch("spinning-bzimage", &fake_bzimage());
     let child = Command::new(env!("CARGO_BIN_EXE_vmm"))

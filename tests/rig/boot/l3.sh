@@ -21,6 +21,10 @@ irqline=$(grep -m1 'ttyS0' /proc/interrupts || true)
 echo "level 3: /proc/interrupts: $irqline"
 irqn=$(echo "$irqline" | awk '{ n = 0; for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) n += $i; print n }')
 rig_check "the console's interrupt was delivered (count ${irqn:-none})" test "${irqn:-0}" -gt 0 || true
+# The wall clock comes from the CMOS RTC (the host's time): not 1970, and /dev/rtc0 (rtc_cmos) agrees.
+rig_check "the guest's clock comes from the RTC ($(date -u +%F))" test "$(date -u +%Y)" -ge 2025 || true
+rig_check "rtc0 exists and agrees (rtc0: $(cat /sys/class/rtc/rtc0/date 2>/dev/null))" \
+  test "$(cat /sys/class/rtc/rtc0/date 2>/dev/null)" = "$(date -u +%F)" || true
 echo "level 3: selected kernel messages:"
 dmesg | grep -iE 'ttyS|8250|serial|pnp|mmconf|ecam|PCI: Using|ACPI: (FACP|APIC|MCFG|DSDT)|clocksource: Switched|smpboot: Total|x86/cpu|Firmware Bug|unchecked MSR|WARNING' \
   | head -n 30 | sed 's/^/  dmesg: /'
