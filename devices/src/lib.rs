@@ -1,9 +1,9 @@
 //! Devices of iovmm: what a guest sees (PCI bus and config space, serial, ...). No KVM policy here: the
 //! `vmm` crate wires these devices to KVM.
 
+pub mod cmos;
 pub mod hotplug;
 pub mod pci;
 pub mod power;
 pub mod serial;
 pub mod vfio_pci;
-pub mod cmos;
