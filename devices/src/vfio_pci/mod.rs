@@ -173,6 +173,7 @@ pub struct VfioPciDevice {
     /// The device decodes memory (command register bit 1): BAR slots exist only while it does, since
     /// vfio-pci blocks BAR mmaps while decode is off and a guest access through a slot would fail KVM_RUN.
     memory_enabled: bool,
+    decode_announced: bool,
 }
 
 impl VfioPciDevice {
@@ -226,6 +227,7 @@ impl VfioPciDevice {
             slots: (0..NUM_BARS).map(|_| Vec::new()).collect(),
             shut_down: false,
             memory_enabled: false,
+            decode_announced: false,
             device,
             config,
             msix_cap,
@@ -414,7 +416,15 @@ impl VfioPciDevice {
                 }
             }
         }
-        log::info!(
+        // Linux toggles decode around BAR sizing: say it once at info level, then at debug.
+        let level = if mem && !self.decode_announced {
+            self.decode_announced = true;
+            log::Level::Info
+        } else {
+            log::Level::Debug
+        };
+        log::log!(
+            level,
             "{}: memory decode {}: {} BAR part(s) mapped directly into the guest",
             self.name,
             if mem { "on" } else { "off" },
