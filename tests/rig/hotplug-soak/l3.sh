@@ -1,0 +1,13 @@
+# shellcheck shell=sh
+# The level-3 side of `hotplug-soak`: the igb driver is loaded; for each cycle, wait for the igb to arrive and
+# bind, then to leave. Sourced by resources/guest-init as /test.sh; it then powers off.
+. /hp-lib.sh
+modprobe igb || true
+echo "RIG-HP: ready"
+n=1
+while [ $n -le "${HP_CYCLES:-20}" ]; do
+  hp_round $n bindonly
+  hp_wait_gone $n
+  n=$((n + 1))
+done
+echo "RIG-HP: level 3 done"
