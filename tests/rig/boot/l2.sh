@@ -16,7 +16,7 @@ boot_once() {
   watcher=$!
   t0=$(cut -d' ' -f1 /proc/uptime)
   rc=0
-  rig_vmm -t 600 --kernel "$RIG_L3_KERNEL" --initramfs "$RIG_L3_INITRD" --cmdline "$RIG_L3_CMDLINE" \
+  rig_vmm -t 150 --kernel "$RIG_L3_KERNEL" --initramfs "$RIG_L3_INITRD" --cmdline "$RIG_L3_CMDLINE" \
     --cpus boot=2 --memory "$mem" -v || rc=$?
   kill "$watcher" 2>/dev/null || true
   rig_check "$label: vmm exits 0 after the guest powers off (exit $rc)" test "$rc" = 0 || true
@@ -38,7 +38,7 @@ boot_once "hugepages" "size=512M,hugepages=on"
 
 # A guest reboot ends vmm with status 2 (iovmm does not restart guests), not 0.
 rc=0
-rig_vmm -t 600 --kernel "$RIG_L3_KERNEL" --initramfs "$RIG_L3_INITRD" --cmdline "$RIG_L3_CMDLINE rig.reboot" \
+rig_vmm -t 150 --kernel "$RIG_L3_KERNEL" --initramfs "$RIG_L3_INITRD" --cmdline "$RIG_L3_CMDLINE rig.reboot" \
   --cpus boot=2 --memory size=512M || rc=$?
 rig_check "a guest reboot ends vmm with status 2 (exit $rc)" test "$rc" = 2 || true
 rig_grep "and vmm says why" "$RIG_OUT/vmm.log" 'the guest reset' || true
