@@ -1,0 +1,3 @@
+# shellcheck shell=sh
+# a scenario that checks nothing fails
+true

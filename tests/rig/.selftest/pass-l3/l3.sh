@@ -1,0 +1,2 @@
+# shellcheck shell=sh
+echo "level 3 would run this"
