@@ -78,6 +78,9 @@ struct Table {
     mem: BTreeMap<u64, Range>,
     io: BTreeMap<u64, Range>,
     next: [u64; 3], // bump pointers: mmio32, mmio64, io
+    /// Ranges given back by removed devices: (window, base, size). Reused for BARs of the same size, so
+    /// plugging and unplugging the same device again and again does not use up the windows.
+    free: Vec<(usize, u64, u64)>,
 }
 
 /// PCI bus 0. Shared by the vCPU threads (all methods take `&self`).
@@ -101,6 +104,7 @@ impl PciBus {
                 mem: BTreeMap::new(),
                 io: BTreeMap::new(),
                 next: [windows.mmio32.0, windows.mmio64.0, windows.io.0],
+                free: Vec::new(),
             }),
             config_address: Mutex::new(0),
             windows,
@@ -163,17 +167,26 @@ impl PciBus {
             };
             let base = {
                 let mut t = self.write_table();
-                let base = t.next[w].next_multiple_of(bar.size);
-                if base + bar.size > start + size {
-                    return Err(PciBusError::NoRoom {
-                        device: dev.name(),
-                        bar: bar.index,
-                        size: bar.size,
-                        window: name,
-                    });
+                if let Some(i) = t
+                    .free
+                    .iter()
+                    .position(|&(fw, _, fs)| fw == w && fs == bar.size)
+                {
+                    let (_, base, _) = t.free.swap_remove(i);
+                    base
+                } else {
+                    let base = t.next[w].next_multiple_of(bar.size);
+                    if base + bar.size > start + size {
+                        return Err(PciBusError::NoRoom {
+                            device: dev.name(),
+                            bar: bar.index,
+                            size: bar.size,
+                            window: name,
+                        });
+                    }
+                    t.next[w] = base + bar.size;
+                    base
                 }
-                t.next[w] = base + bar.size;
-                base
             };
             let reg = BAR0_REG + usize::from(bar.index);
             let mut moved = dev.write_config_register(reg, 0, &(base as u32).to_le_bytes());
@@ -192,12 +205,30 @@ impl PciBus {
         Ok(())
     }
 
-    /// Unplugs the device at `slot`, forgetting its BAR ranges, and returns it. (The bump allocator does not
-    /// reuse the addresses; the hotplug work may replace it with a free-list.)
+    /// Unplugs the device at `slot`, forgetting its BAR ranges, and returns it. The ranges its BARs held
+    /// (where they lie inside the bus's windows) are reused for later BARs of the same size.
     pub fn remove_device(&self, slot: PciSlot) -> Option<Arc<Mutex<dyn PciDevice>>> {
         let mut t = self.write_table();
         let index = usize::from(slot.0);
         let dev = t.devices.get_mut(index)?.take();
+        let mut freed = Vec::new();
+        for (io, map) in [(false, &t.mem), (true, &t.io)] {
+            for (&base, r) in map.iter().filter(|(_, r)| r.slot == index) {
+                let size = r.end - base;
+                let inside = |(s, l): (u64, u64)| base >= s && r.end <= s + l;
+                let w = if io {
+                    inside(self.windows.io).then_some(2)
+                } else if inside(self.windows.mmio32) {
+                    Some(0)
+                } else {
+                    inside(self.windows.mmio64).then_some(1)
+                };
+                if let Some(w) = w {
+                    freed.push((w, base, size));
+                }
+            }
+        }
+        t.free.extend(freed);
         t.mem.retain(|_, r| r.slot != index);
         t.io.retain(|_, r| r.slot != index);
         dev
@@ -602,6 +633,24 @@ mod tests {
         assert_eq!(cf8_read32(&bus, 1, 0x10), 0xffff_f000);
         assert!(bus.pio_write(0xcfc, &new.to_le_bytes()).is_ok());
         assert!(bus.mmio_read(u64::from(new) + 4, &mut v));
+    }
+
+    #[test]
+    fn replugging_reuses_the_bar_ranges() {
+        let (bus, first) = bus_with_scratch();
+        let before = lock(&first).bars();
+        for _ in 0..100 {
+            assert!(bus.remove_device(PciSlot(1)).is_some());
+            let dev = Arc::new(Mutex::new(Scratch::new()));
+            assert_eq!(bus.add_device(None, dev.clone()).ok(), Some(PciSlot(1)));
+            let mut now = lock(&dev).bars();
+            let mut was = before.clone();
+            now.sort_by_key(|b| b.index);
+            was.sort_by_key(|b| b.index);
+            assert_eq!(now, was, "the same ranges come back");
+        }
+        let mut v = [0u8; 2];
+        assert!(bus.mmio_read(before[0].base, &mut v));
     }
 
     #[test]
