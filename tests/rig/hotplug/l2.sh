@@ -64,3 +64,17 @@ rig_grep "vmm replayed guest RAM into the container on the second add" "$RIG_OUT
 rig_grep "vmm released the igb at exit" "$RIG_OUT/vmm.log" 'nic0 .* released \(release domain, then fds closed\)' || true
 rig_grep "nothing left at exit" "$RIG_OUT/vmm.log" '0 container\(s\), 0 BAR slot\(s\) and 0 VFIO fd\(s\) left' || true
 grep -E 'hotplug|api' "$RIG_OUT/vmm.log" | grep -v DEBUG | head -40
+
+# A device given at boot (--device) with an API socket is owned by the hotplug manager: it can be removed.
+hp_start_vmm 400 --kernel "$RIG_L3_KERNEL" --initramfs "$RIG_L3_INITRD" --cmdline "$RIG_L3_CMDLINE rig.coldplug" \
+  --cpus boot=1 --memory size=256M,hugepages=on --device "path=$RIG_NIC_SYSFS"
+hp_try cold-list list-devices
+rig_grep "cold-plugged: list-devices shows the --device igb plugged" "$RIG_OUT/cold-list.out" '"state": "plugged"' || true
+rig_check "cold-plugged: level 3 binds it and pings" hp_wait_l3 'RIG-HP: round 1 done' 400 || true
+hp_try cold-rm remove-device "$RIG_NIC_BDF" --timeout 180
+rig_grep "cold-plugged: remove-device (by BDF) parks it" "$RIG_OUT/cold-rm.out" '"state": "parked"' || true
+rig_check "cold-plugged: level 3 saw it leave" hp_wait_l3 'RIG-HP: gone 1' 200 || true
+rig_check "cold-plugged: level 3 ran to its end" hp_wait_l3 'RIG-HP: level 3 done' 200 || true
+hp_wait_vmm
+rig_check "cold-plugged: vmm exits 0 (exit $HP_VMM_RC)" test "$HP_VMM_RC" = 0 || true
+rig_grep "cold-plugged: nothing left at exit" "$RIG_OUT/vmm.log" '0 container\(s\), 0 BAR slot\(s\) and 0 VFIO fd\(s\) left' || true
