@@ -424,6 +424,10 @@ fn iotlb_never_stale_after_unmap_and_sync() {
     assert!(trs[0].stats().hits >= 200);
 }
 
+/// Table pages do not leak. Since tables emptied by unmaps that cover only part of their span stay linked
+/// (idle, as in Linux, so that single-page map/unmap pairs do not allocate), "baseline" means: right after an
+/// unmap that covers every table's span (round 2), or after piecewise unmaps (rounds 0 and 1) and an explicit
+/// [`IoPageTable::reclaim_idle_tables`]. Either way every page but the root must be back in the pool.
 #[test]
 fn pool_usage_returns_to_baseline_after_unmapping_everything() {
     let t = IoPageTable::new();
@@ -467,21 +471,39 @@ fn pool_usage_returns_to_baseline_after_unmapping_everything() {
             }
         }
         let s = t.pool_stats();
+        if round < 2 {
+            // Piecewise unmaps leave the emptied tables linked, idle.
+            assert!(s.table_pages_idle > 0, "round {round}: {s:?}");
+            assert!(s.table_pages_in_use > 1, "round {round}: {s:?}");
+            let freed = t.reclaim_idle_tables();
+            assert_eq!(freed + 1, s.table_pages_in_use, "round {round}: {s:?}");
+        }
+        let s = t.pool_stats();
         assert_eq!(s.table_pages_in_use, 1, "round {round}: {s:?}");
+        assert_eq!(s.table_pages_idle, 0, "round {round}: {s:?}");
         assert_eq!(s.table_pages_pending, 0, "round {round}: {s:?}");
         assert_eq!(s.table_pages_free + 1, s.table_pages_reserved);
+        // Nothing is left mapped, and reclaiming again finds nothing.
+        assert_eq!(t.reclaim_idle_tables(), 0);
+        for &(iova, _, len) in &maps {
+            assert_eq!(t.iova_to_phys(iova), None);
+            assert_eq!(t.iova_to_phys(iova + len - 1), None);
+        }
     }
 }
 
+/// Tables freed by an unmap (here one covering the whole 512 GiB span of the level-3 table) stay pending,
+/// unusable, until the sync that makes them reusable.
 #[test]
 fn table_pages_freed_by_unmap_wait_for_sync_before_reuse() {
     let t = IoPageTable::new();
     map(&t, TIB, 0, PAGE_4K, Prot::RW).unwrap();
     let reserved = t.pool_stats().table_pages_reserved;
     let mut g = Gather::new();
-    t.unmap(TIB, PAGE_4K, &mut g).unwrap();
+    t.unmap(TIB, 512 * PAGE_1G, &mut g).unwrap();
     let s = t.pool_stats();
     assert_eq!((s.table_pages_in_use, s.table_pages_pending), (1, 3));
+    assert_eq!(g.freed_pages(), 3);
     // Mapping before the sync cannot reuse the pending pages.
     let mut g2 = Gather::new();
     t.map(TIB, 0, PAGE_4K, Prot::RW, &mut g2).unwrap();
@@ -490,4 +512,149 @@ fn table_pages_freed_by_unmap_wait_for_sync_before_reuse() {
     let s = t.pool_stats();
     assert_eq!((s.table_pages_in_use, s.table_pages_pending), (4, 0));
     assert_eq!(s.table_pages_reserved, reserved);
+}
+
+/// A single-page map + unmap in strict mode (a NIC driver's pattern) allocates and frees no table: the
+/// unmap leaves the emptied leaf table linked (idle), the next map there reuses it, and the unmap's sync
+/// frees no page (so it takes no lock).
+#[test]
+fn single_page_churn_reuses_idle_tables_without_allocating() {
+    let t = IoPageTable::new();
+    let mut tr = t.translator();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let pages: Vec<u64> = (0..2000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            TIB + (x % 64) * PAGE_2M + (x >> 20) % 512 * PAGE_4K
+        })
+        .collect();
+    // Warm: every 2 MiB region of the window gets its leaf table.
+    for r in 0..64 {
+        map(&t, TIB + r * PAGE_2M, 0, PAGE_4K, Prot::RW).unwrap();
+        assert_eq!(unmap(&t, TIB + r * PAGE_2M, PAGE_4K), Ok(PAGE_4K));
+    }
+    let before = t.pool_stats();
+    assert_eq!(before.table_pages_idle, 64, "{before:?}");
+    for &iova in &pages {
+        let mut g = Gather::new();
+        let st = t
+            .map(iova, iova + 16 * TIB, PAGE_4K, Prot::RW, &mut g)
+            .unwrap();
+        assert_eq!((st.leaves_4k, st.tables_allocated), (1, 0));
+        t.sync(&mut g);
+        assert_eq!(
+            tr.translate(iova + 8, Access::Read),
+            Ok(iova + 16 * TIB + 8)
+        );
+        let mut g = Gather::new();
+        assert_eq!(t.unmap(iova, PAGE_4K, &mut g), Ok(PAGE_4K));
+        assert_eq!(g.freed_pages(), 0);
+        assert!(g.needs_flush());
+        t.sync(&mut g);
+        assert_eq!(
+            tr.translate(iova + 8, Access::Read),
+            Err(TranslateFault::NotMapped { iova: iova + 8 })
+        );
+    }
+    let after = t.pool_stats();
+    assert_eq!(
+        (
+            after.table_pages_in_use,
+            after.table_pages_idle,
+            after.table_pages_reserved
+        ),
+        (
+            before.table_pages_in_use,
+            before.table_pages_idle,
+            before.table_pages_reserved
+        )
+    );
+    assert_eq!(after.generation, before.generation + pages.len() as u64);
+}
+
+/// A map whose page size rule gives a 2 MiB or 1 GiB leaf where idle tables sit replaces them (nothing is
+/// mapped there, so it is not an overlap); the replaced tables are freed at the map's sync.
+#[test]
+fn larger_leaf_replaces_idle_tables() {
+    let t = IoPageTable::new();
+    // Idle leaf table under a 2 MiB entry.
+    map(&t, TIB + 5 * PAGE_4K, 0, PAGE_4K, Prot::RW).unwrap();
+    assert_eq!(unmap(&t, TIB + 5 * PAGE_4K, PAGE_4K), Ok(PAGE_4K));
+    assert_eq!(t.pool_stats().table_pages_idle, 1);
+    let mut g = Gather::new();
+    let st = t.map(TIB, 16 * TIB, PAGE_2M, Prot::READ, &mut g).unwrap();
+    assert_eq!((st.leaves_2m, st.leaves_written), (1, 1));
+    assert_eq!(g.freed_pages(), 1);
+    t.sync(&mut g);
+    let s = t.pool_stats();
+    assert_eq!((s.table_pages_idle, s.table_pages_pending), (0, 0));
+    let tr = t.iova_to_phys(TIB + 5 * PAGE_4K + 3).unwrap();
+    assert_eq!(
+        (tr.paddr, tr.page_size),
+        (16 * TIB + 5 * PAGE_4K + 3, PAGE_2M)
+    );
+    // Idle tables two levels deep under a 1 GiB entry (a level-2 table whose only entry is an idle leaf
+    // table), next to the 2 MiB leaf: a 1 GiB map over them is refused only because of that leaf.
+    map(&t, TIB + PAGE_1G + PAGE_2M + PAGE_4K, 0, PAGE_4K, Prot::RW).unwrap();
+    assert_eq!(
+        unmap(&t, TIB + PAGE_1G + PAGE_2M + PAGE_4K, PAGE_4K),
+        Ok(PAGE_4K)
+    );
+    assert_eq!(
+        map(&t, TIB, 0, PAGE_1G, Prot::RW),
+        Err(PtError::Overlap { iova: TIB })
+    );
+    let in_use = t.pool_stats().table_pages_in_use;
+    let mut g = Gather::new();
+    let st = t
+        .map(TIB + PAGE_1G, 32 * TIB, PAGE_1G, Prot::RW, &mut g)
+        .unwrap();
+    assert_eq!((st.leaves_1g, st.leaves_written), (1, 1));
+    assert_eq!(g.freed_pages(), 2);
+    t.sync(&mut g);
+    let s = t.pool_stats();
+    assert_eq!((s.table_pages_in_use, s.table_pages_idle), (in_use - 2, 0));
+    assert_eq!(
+        t.iova_to_phys(TIB + PAGE_1G + PAGE_2M + PAGE_4K)
+            .unwrap()
+            .page_size,
+        PAGE_1G
+    );
+    // And everything still unmaps back to the root.
+    assert_eq!(unmap(&t, 0, 1 << 48), Ok(PAGE_2M + PAGE_1G));
+    assert_eq!(t.pool_stats().table_pages_in_use, 1);
+}
+
+/// Idle tables are bounded: once they exceed max(1024, the non-idle tables in use), the unmap that made
+/// one more idle frees them all, and translations are unaffected.
+#[test]
+fn idle_tables_are_reclaimed_beyond_their_limit() {
+    let t = IoPageTable::new();
+    map(&t, 4 * TIB, 0, PAGE_4K, Prot::RW).unwrap(); // stays mapped
+    let mut reclaimed = false;
+    for r in 0..3000u64 {
+        // Each 4K page in its own 2 MiB region: one leaf table each, idle after the unmap.
+        let iova = TIB + r * PAGE_2M + (r % 512) * PAGE_4K;
+        map(&t, iova, 0, PAGE_4K, Prot::RW).unwrap();
+        assert_eq!(unmap(&t, iova, PAGE_4K), Ok(PAGE_4K));
+        let s = t.pool_stats();
+        assert!(
+            s.table_pages_idle <= 1024.max(s.table_pages_in_use - s.table_pages_idle),
+            "{s:?}"
+        );
+        reclaimed |= s.table_pages_idle == 0;
+        assert_eq!(
+            s.table_pages_pending, 0,
+            "the unmap's sync made them reusable"
+        );
+    }
+    assert!(reclaimed, "never reached the idle limit");
+    // At most ~1030 pages were ever in use; the pool grows in chunks of up to 512 pages.
+    assert!(t.pool_stats().table_pages_reserved <= 1536);
+    assert_eq!(t.iova_to_phys(4 * TIB + 8).unwrap().paddr, 8);
+    t.reclaim_idle_tables();
+    // The root, and the three tables of the page still mapped.
+    assert_eq!(t.pool_stats().table_pages_in_use, 4);
 }

@@ -10,7 +10,10 @@
 //!   is left unchanged.
 //! - Invalidations are gathered in a [`Gather`] and made effective once per call by [`IoPageTable::sync`].
 //! - Translation ([`Translator::translate`], [`IoPageTable::iova_to_phys`]) takes no lock.
-//! - Table pages come from a pool whose usage is measurable ([`IoPageTable::pool_stats`]).
+//! - Table pages come from a pool whose usage is measurable ([`IoPageTable::pool_stats`]). As in Linux, a
+//!   table is freed by an unmap that covers its whole span; one emptied by smaller unmaps stays linked
+//!   (idle) until such an unmap, a larger leaf mapped over it, [`IoPageTable::reclaim_idle_tables`], or the
+//!   idle limit (max(1024 tables, the non-idle tables in use)) reached by an unmap.
 //!
 //! # Concurrency and memory safety
 //! Entries are `AtomicU64`. Writers (map, unmap, sync) serialize on a small writer lock; walkers never take
@@ -253,11 +256,15 @@ pub struct Translation {
     pub page_size: u64,
 }
 
-/// Usage of the table's page pool. `table_pages_in_use` is 1 (the root) for an empty table.
+/// Usage of the table's page pool. `table_pages_in_use` is 1 (the root) for a new table, after an unmap of
+/// everything, and after [`IoPageTable::reclaim_idle_tables`] on a table with nothing mapped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolStats {
-    /// Pages linked into the table (including the root).
+    /// Pages linked into the table (including the root and idle tables).
     pub table_pages_in_use: usize,
+    /// Linked pages that hold no entry (idle: kept for the next map there, see
+    /// [`IoPageTable::reclaim_idle_tables`]); the root is never counted.
+    pub table_pages_idle: usize,
     /// Pages unlinked by unmap, reusable after the next sync.
     pub table_pages_pending: usize,
     /// Pages ready for reuse.
@@ -466,7 +473,7 @@ impl IoPageTable {
         let mut w = self.inner.writer.lock();
         let d = walk::Descent::new(self.inner.root(), iova, end);
         // Fast path: one run of leaves of the covering table's own level, on free entries.
-        if let Some(stats) = walk::map_run(&d, iova, paddr, len, perm) {
+        if let Some(stats) = walk::map_run(&d, iova, paddr, len, perm, &mut w.pool) {
             drop(w);
             gather.touch(iova, end);
             return Ok(stats);
@@ -476,24 +483,30 @@ impl IoPageTable {
         if needed > 0 {
             w.pool.reserve(needed)?;
         }
+        let pending = w.pool.pending();
         let mut cx = walk::MapCtx {
             perm,
             pool: &mut w.pool,
             stats: MapStats::default(),
         };
         let added = walk::map(d.table, d.level, iova, end, paddr, &mut cx);
-        d.add_to_parent(added);
         let stats = cx.stats;
+        d.add_to_parent(added, &mut w.pool);
+        // Idle tables replaced by larger leaves: reusable after the sync.
+        let freed = w.pool.pending() - pending;
         drop(w);
         gather.touch(iova, end);
+        gather.freed_pages += freed;
         Ok(stats)
     }
 
     /// Unmaps what is mapped in `[iova, iova + len)` and returns the bytes unmapped (holes are skipped).
     ///
-    /// Refused, with the table unchanged, when the range cuts a 2 MiB or 1 GiB leaf. Tables left empty are
-    /// unlinked and become reusable at the next sync. The unmap is effective for cached translations only
-    /// after [`IoPageTable::sync`] with `gather`.
+    /// Refused, with the table unchanged, when the range cuts a 2 MiB or 1 GiB leaf. Tables whose whole span
+    /// the range covers are unlinked and become reusable at the next sync; a table left empty by a range
+    /// covering only part of its span stays linked, idle, for the next map there (see
+    /// [`IoPageTable::reclaim_idle_tables`]; idle tables beyond a limit are reclaimed here). The unmap is
+    /// effective for cached translations only after [`IoPageTable::sync`] with `gather`.
     pub fn unmap(&self, iova: u64, len: u64, gather: &mut Gather) -> Result<u64, PtError> {
         let end = check_range(iova, 0, len)?;
         let mut w = self.inner.writer.lock();
@@ -514,7 +527,10 @@ impl IoPageTable {
         }
         let pending = w.pool.pending();
         let (removed, bytes) = walk::unmap(d.table, d.level, iova, end, &mut w.pool);
-        d.remove_from_parents(removed, &mut w.pool);
+        d.remove_from_parent(removed, &mut w.pool);
+        if w.pool.idle_limit() {
+            self.reclaim_locked(&mut w.pool);
+        }
         let freed = w.pool.pending() - pending;
         drop(w);
         if bytes > 0 || freed > 0 {
@@ -572,11 +588,36 @@ impl IoPageTable {
         w.pool.reclaim();
     }
 
+    /// Unlinks every idle table (a table left empty by unmaps that did not cover its whole span, kept linked
+    /// so that the next map there needs no allocation) and every table left empty by that, and makes them
+    /// reusable (this invalidates cached translations, as a sync that frees pages does). Returns how many
+    /// table pages it freed. Unmaps call it on their own when idle tables exceed
+    /// max(1024, the non-idle tables in use); call it to return the table memory to its minimum.
+    pub fn reclaim_idle_tables(&self) -> usize {
+        let mut w = self.inner.writer.lock();
+        let pending = w.pool.pending();
+        self.reclaim_locked(&mut w.pool);
+        let freed = w.pool.pending() - pending;
+        if freed > 0 {
+            // Under the writer lock, after the unlinks: see the module docs.
+            self.inner.gen.0.fetch_add(1, AcqRel);
+            w.pool.reclaim();
+        }
+        freed
+    }
+
+    #[cold]
+    fn reclaim_locked(&self, pool: &mut Pool) {
+        walk::reclaim_idle(self.inner.root(), format::LEVELS, pool);
+        debug_assert_eq!(pool.idle, 0, "idle tables left after a reclaim");
+    }
+
     /// Usage of the table-page pool.
     pub fn pool_stats(&self) -> PoolStats {
         let w = self.inner.writer.lock();
         PoolStats {
             table_pages_in_use: w.pool.in_use(),
+            table_pages_idle: w.pool.idle,
             table_pages_pending: w.pool.pending(),
             table_pages_free: w.pool.free(),
             table_pages_reserved: w.pool.reserved(),

@@ -10,6 +10,13 @@
 //!
 //! Every page in `free` and `pending` is all zero: tables are freed only when empty (or after being
 //! cleared), so allocation needs no zeroing.
+//!
+//! A table emptied by an unmap that covers only part of its span is not freed: it stays linked, *idle*
+//! (its parent entry counts zero entries), so that the next map there (a driver mapping and unmapping
+//! single pages in strict mode) finds its tables in place instead of allocating and freeing them on every
+//! pair, as Linux's generic page tables do. The pool counts idle tables; they are freed by an unmap that
+//! covers their whole span, when a map puts a larger leaf over them, by
+//! [`super::IoPageTable::reclaim_idle_tables`], and automatically once they exceed [`Pool::idle_limit`].
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
@@ -36,7 +43,12 @@ pub(crate) struct Pool {
     pending: Vec<NonNull<Table>>,
     in_use: usize,
     reserved: usize,
+    /// Linked tables whose parent entry counts zero entries (included in `in_use`).
+    pub(crate) idle: usize,
 }
+
+/// Idle tables always allowed (4 MiB of table pages).
+pub(crate) const IDLE_FLOOR: usize = 1024;
 
 impl Pool {
     pub(crate) fn new() -> Self {
@@ -46,6 +58,7 @@ impl Pool {
             pending: Vec::new(),
             in_use: 0,
             reserved: 0,
+            idle: 0,
         }
     }
 
@@ -121,6 +134,14 @@ impl Pool {
     /// after those pages were unlinked.
     pub(crate) fn reclaim(&mut self) {
         self.free.append(&mut self.pending);
+    }
+
+    /// Whether idle tables exceed their limit: more than [`IDLE_FLOOR`] and more than the tables in use
+    /// that are not idle (so idle tables never more than double the memory of what is mapped, beyond
+    /// 4 MiB).
+    #[inline(always)]
+    pub(crate) fn idle_limit(&self) -> bool {
+        self.idle > IDLE_FLOOR && self.idle > self.in_use - self.idle
     }
 
     pub(crate) fn in_use(&self) -> usize {

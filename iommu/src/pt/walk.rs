@@ -7,7 +7,14 @@
 //! Ordering: writers store entries with `Release` (a new table's entries are written before the entry that
 //! links it), walkers load with `Acquire`. Writers read entries with `Relaxed` loads: only writers store, and
 //! they are serialized by the writer lock.
+//!
+//! Writer-side scans of runs of entries ([`plain`]) use plain (non-atomic) loads, which the compiler turns
+//! into vector loads: this is within Rust's memory model because a data race needs a write, and while the
+//! writer lock is held the only other accesses to entries are walkers' atomic *loads* (Rust's rules forbid
+//! racing non-atomic/atomic or mixed-size accesses only when at least one of them writes). Stores to entries
+//! are always 8-byte atomic stores, which walkers may read at any time.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
 use super::format::{
@@ -51,43 +58,52 @@ pub(crate) fn lookup_from(mut t: &Table, mut level: u32, iova: u64) -> Option<(u
     }
 }
 
-/// The deepest existing table whose span holds all of `[iova, end)`, and the table entries above it.
+/// The deepest existing table whose span holds all of `[iova, end)`, and the entry linking it.
 /// Writer side (the writer lock is held while it is used).
 pub(crate) struct Descent<'a> {
     /// The covering table.
     pub(crate) table: &'a Table,
     /// Its level.
     pub(crate) level: u32,
-    /// (table, index) of the entries linking each level above `table`, root first.
-    parents: [(&'a Table, usize); fmt::LEVELS as usize],
-    depth: usize,
+    /// The entry (of the table one level up) that links `table`; `None` for the root.
+    parent: Option<&'a AtomicU64>,
 }
 
 impl<'a> Descent<'a> {
-    /// Descend from `root` while the range lies within one entry and that entry is a table.
+    /// Descend from `root` while the range lies within one entry, does not cover that entry's whole span,
+    /// and that entry is a table. (A range covering a whole entry stops above it: a map may put one leaf
+    /// there, over an idle table, and an unmap frees the table under it, as Linux does.)
     #[inline(always)]
     pub(crate) fn new(root: &'a Table, iova: u64, end: u64) -> Self {
         let mut d = Descent {
             table: root,
             level: fmt::LEVELS,
-            parents: [(root, 0); fmt::LEVELS as usize],
-            depth: 0,
+            parent: None,
         };
-        loop {
-            let i = index(iova, d.level);
-            if d.level == 1 || index(end - 1, d.level) != i {
-                return d;
-            }
-            let e = d.table.e[i].load(Relaxed);
-            if e == 0 || is_leaf(d.level, e) {
-                return d;
-            }
-            d.parents[d.depth] = (d.table, i);
-            d.depth += 1;
-            // SAFETY: present non-leaf entry; the writer lock is held.
-            d.table = unsafe { child(e) };
-            d.level -= 1;
+        // Unrolled over the levels, so that every shift and mask is a constant.
+        let _ = d.step::<4>(iova, end) && d.step::<3>(iova, end) && d.step::<2>(iova, end);
+        d
+    }
+
+    /// One level of [`Descent::new`] from the table at level `L`; whether it went down.
+    #[inline(always)]
+    fn step<const L: u32>(&mut self, iova: u64, end: u64) -> bool {
+        let shift = level_shift(L);
+        // Within one entry of this table (the range already lies within this table's span), and not all of
+        // it.
+        if (iova ^ (end - 1)) >> shift != 0 || end - iova == 1 << shift {
+            return false;
         }
+        let slot = &self.table.e[index(iova, L)];
+        let e = slot.load(Relaxed);
+        if e == 0 || is_leaf(L, e) {
+            return false;
+        }
+        self.parent = Some(slot);
+        // SAFETY: present non-leaf entry; the writer lock is held.
+        self.table = unsafe { child(e) };
+        self.level = L - 1;
+        true
     }
 
     /// End of the covering table's span (the range's `iova` lies in it).
@@ -99,33 +115,28 @@ impl<'a> Descent<'a> {
 
     /// `added` entries of the covering table went from zero to non-zero: count them in its parent entry.
     #[inline(always)]
-    pub(crate) fn add_to_parent(&self, added: u64) {
-        if added != 0 && self.depth > 0 {
-            let (pt, pi) = self.parents[self.depth - 1];
-            let e = pt.e[pi].load(Relaxed);
-            pt.e[pi].store(e + added * COUNT_ONE, Release);
+    pub(crate) fn add_to_parent(&self, added: u64, pool: &mut Pool) {
+        if let (Some(p), true) = (self.parent, added != 0) {
+            let e = p.load(Relaxed);
+            if count(e) == 0 {
+                pool.idle -= 1;
+            }
+            p.store(e + added * COUNT_ONE, Release);
         }
     }
 
-    /// `removed` entries of the covering table became zero: uncount them in its parent entry, and unlink and
-    /// release every table on the path that became empty.
+    /// `removed` entries of the covering table became zero: uncount them in its parent entry. A table left
+    /// empty stays linked (idle, see the pool): the range lies inside its span without covering it (else
+    /// the descent would have stopped above it), and a range that covers a table's whole span frees it in
+    /// [`unmap`].
     #[inline(always)]
-    pub(crate) fn remove_from_parents(&self, mut removed: u64, pool: &mut Pool) {
-        for k in (0..self.depth).rev() {
-            if removed == 0 {
-                return;
-            }
-            let (pt, pi) = self.parents[k];
-            let e = pt.e[pi].load(Relaxed);
+    pub(crate) fn remove_from_parent(&self, removed: u64, pool: &mut Pool) {
+        if let (Some(p), true) = (self.parent, removed != 0) {
+            let e = p.load(Relaxed);
             if count(e) == removed {
-                pt.e[pi].store(0, Release);
-                // SAFETY: present non-leaf entry; the writer lock is held.
-                pool.release(unsafe { child(e) }.into());
-                removed = 1;
-            } else {
-                pt.e[pi].store(e - removed * COUNT_ONE, Release);
-                return;
+                pool.idle += 1;
             }
+            p.store(e - removed * COUNT_ONE, Release);
         }
     }
 }
@@ -207,12 +218,55 @@ impl Iterator for MapSpans {
     }
 }
 
-/// OR of the entries `idx..idx + n` (writer side: plain reads, vectorizable).
+/// Writer side: calls `f` with the entries `idx..idx + n` of `t` as plain `u64`s (vectorizable loads).
+/// Only call it with the writer lock held; `f` must not store to the table (it cannot: it gets values).
+#[inline(always)]
+fn plain<R>(t: &Table, idx: usize, n: usize, f: impl FnOnce(&[u64]) -> R) -> R {
+    let run = &t.e[idx..idx + n];
+    // SAFETY: `AtomicU64` has the size, alignment and bit validity of `u64`. The slice is only read, and
+    // only during `f`, while the caller holds the writer lock: no thread stores to these entries meanwhile
+    // (walkers only load them), so these plain reads race with nothing that writes (see the module docs).
+    // The slice does not outlive `f`, so no later atomic store of ours invalidates a live reference.
+    let v = unsafe { std::slice::from_raw_parts(run.as_ptr().cast::<u64>(), n) };
+    f(v)
+}
+
+/// OR of the entries `idx..idx + n` (writer side: plain reads, vectorized).
 #[inline(always)]
 fn or_entries(t: &Table, idx: usize, n: usize) -> u64 {
-    t.e[idx..idx + n]
-        .iter()
-        .fold(0, |acc, e| acc | e.load(Relaxed))
+    plain(t, idx, n, |v| v.iter().fold(0, |acc, &e| acc | e))
+}
+
+/// Whether the entries `idx..idx + n` of `t` at `level` are all leaves (`Some(true)`), all zero
+/// (`Some(false)`), or a mix of zeros, leaves and tables (`None`). Writer side: two vectorized reductions
+/// (an AND and an OR) instead of a per-entry count, which the baseline x86-64 target cannot vectorize.
+#[inline(always)]
+fn uniform(t: &Table, level: u32, idx: usize, n: usize) -> Option<bool> {
+    plain(t, idx, n, |v| {
+        // Bit 0 of `e | e >> 1` is R or W: set for every present entry. Above level 1, PS marks leaves.
+        let mark = if level == 1 { fmt::R } else { fmt::PS };
+        let all = v.iter().fold(!0, |acc, &e| acc & (e | e >> 1));
+        if all & mark != 0 {
+            return Some(true);
+        }
+        let any = v.iter().fold(0, |acc, &e| acc | e);
+        (any == 0).then_some(false)
+    })
+}
+
+/// Zero the entries `idx..idx + n` (8-byte atomic stores; zero over zero is harmless to walkers).
+#[inline(always)]
+fn zero_entries(t: &Table, idx: usize, n: usize) {
+    // Unrolled by eight, as in `write_leaves`.
+    let (chunks, rest) = t.e[idx..idx + n].as_chunks::<8>();
+    for c in chunks {
+        for e in c {
+            e.store(0, Release);
+        }
+    }
+    for e in rest {
+        e.store(0, Release);
+    }
 }
 
 /// First mapped address in `[cur, end)` under the table `t` at `level`, if any (error reporting).
@@ -253,8 +307,11 @@ pub(crate) fn plan_map(
             MapSpan::Leaves { idx, n, iova, .. } => {
                 if let Some(t) = t {
                     if or_entries(t, idx, n) != 0 {
+                        // Leaves, or tables that may be idle (no leaf under them): those are replaced.
                         let span_end = iova + ((n as u64) << level_shift(level));
-                        return Err(first_mapped(t, level, iova, span_end).unwrap_or(iova));
+                        if let Some(a) = first_mapped(t, level, iova, span_end) {
+                            return Err(a);
+                        }
                     }
                 }
             }
@@ -289,8 +346,14 @@ pub(crate) fn map(t: &Table, level: u32, cur: u64, end: u64, pa: u64, cx: &mut M
     for span in MapSpans::new(level, cur, end, pa) {
         match span {
             MapSpan::Leaves { idx, n, pa, .. } => {
+                // plan_map checked that any non-zero entry here is a table with no leaf under it.
+                let replaced = if or_entries(t, idx, n) != 0 {
+                    unlink_idle(t, level, idx, n, cx.pool)
+                } else {
+                    0
+                };
                 write_leaves(t, level, idx, n, pa, cx.perm);
-                added += n as u64;
+                added += n as u64 - replaced;
                 cx.stats.count_leaves(level, n as u64);
             }
             MapSpan::Descend { idx, iova, end, pa } => {
@@ -309,6 +372,9 @@ pub(crate) fn map(t: &Table, level: u32, cur: u64, end: u64, pa: u64, cx: &mut M
                     debug_assert!(!is_leaf(level, e), "plan_map let a map over a leaf through");
                     // SAFETY: present non-leaf entry; the writer lock is held.
                     let c = map(unsafe { child(e) }, level - 1, iova, end, pa, cx);
+                    if count(e) == 0 && c != 0 {
+                        cx.pool.idle -= 1;
+                    }
                     t.e[idx].store(e + c * COUNT_ONE, Release);
                 }
             }
@@ -321,7 +387,14 @@ pub(crate) fn map(t: &Table, level: u32, cur: u64, end: u64, pa: u64, cx: &mut M
 /// (both addresses and the length aligned to that level's page size) and those entries are free, write them
 /// and count them in the parent entry. `None`: take the general path (which also reports overlaps).
 #[inline(always)]
-pub(crate) fn map_run(d: &Descent, iova: u64, pa: u64, len: u64, perm: u64) -> Option<MapStats> {
+pub(crate) fn map_run(
+    d: &Descent,
+    iova: u64,
+    pa: u64,
+    len: u64,
+    perm: u64,
+    pool: &mut Pool,
+) -> Option<MapStats> {
     let level = d.level;
     if !can_be_leaf(level) || (iova | pa | len) & (level_size(level) - 1) != 0 {
         return None;
@@ -334,7 +407,7 @@ pub(crate) fn map_run(d: &Descent, iova: u64, pa: u64, len: u64, perm: u64) -> O
         return None;
     }
     write_leaves(d.table, level, idx, n, pa, perm);
-    d.add_to_parent(n as u64);
+    d.add_to_parent(n as u64, pool);
     let mut stats = MapStats::default();
     stats.count_leaves(level, n as u64);
     Some(stats)
@@ -346,7 +419,16 @@ fn write_leaves(t: &Table, level: u32, idx: usize, n: usize, pa: u64, perm: u64)
     let flags = leaf_flags(level, perm);
     let step = level_size(level);
     let mut out = pa | flags;
-    for e in &t.e[idx..idx + n] {
+    // Eight 8-byte atomic stores per iteration (constant offsets): one loop branch per 64 bytes, so the
+    // loop runs at the core's store throughput instead of its taken-branch throughput.
+    let (chunks, rest) = t.e[idx..idx + n].as_chunks::<8>();
+    for c in chunks {
+        for (k, e) in c.iter().enumerate() {
+            e.store(out + k as u64 * step, Release);
+        }
+        out += 8 * step;
+    }
+    for e in rest {
         e.store(out, Release);
         out += step;
     }
@@ -362,7 +444,8 @@ pub(crate) fn leaf_at(t: &Table, level: u32, iova: u64) -> Option<(u64, u64)> {
 }
 
 /// Unmap what is mapped in `[cur, end)` under `t` at `level`. The caller checked that no leaf is cut by the
-/// range's ends. Tables that become empty are unlinked and released to the pool (pending until sync).
+/// range's ends. Tables whose whole span the range covers are unlinked and released to the pool (pending
+/// until sync); a table left empty by a range that covers only part of its span stays linked, idle.
 /// Returns (entries of `t` that became zero, bytes unmapped).
 pub(crate) fn unmap(t: &Table, level: u32, cur: u64, end: u64, pool: &mut Pool) -> (u64, u64) {
     let shift = level_shift(level);
@@ -370,20 +453,24 @@ pub(crate) fn unmap(t: &Table, level: u32, cur: u64, end: u64, pool: &mut Pool) 
     let first = index(cur, level);
     let last = index(end - 1, level);
     if level == 1 {
-        let mut removed = 0u64;
-        for e in &t.e[first..=last] {
-            if e.load(Relaxed) != 0 {
-                e.store(0, Release);
-                removed += 1;
-            }
-        }
+        let n = last + 1 - first;
+        let removed = match uniform(t, 1, first, n) {
+            Some(true) => n as u64,
+            Some(false) => return (0, 0),
+            None => t.e[first..=last]
+                .iter()
+                .map(|e| (e.load(Relaxed) != 0) as u64)
+                .sum(),
+        };
+        zero_entries(t, first, n);
         return (removed, removed << 12);
     }
     let (mut removed, mut bytes) = (0u64, 0u64);
     let base = cur & !((size << 9) - 1);
     let lo = |i: usize| base + ((i as u64) << shift);
-    // A partly covered entry (only the first and the last can be): recurse into its table.
-    let partial = |i: usize, removed: &mut u64, bytes: &mut u64, pool: &mut Pool| {
+    // A partly covered entry (only the first and the last can be): recurse into its table, which stays
+    // linked even when left empty.
+    let partial = |i: usize, bytes: &mut u64, pool: &mut Pool| {
         let e = t.e[i].load(Relaxed);
         if e == 0 {
             return;
@@ -397,16 +484,27 @@ pub(crate) fn unmap(t: &Table, level: u32, cur: u64, end: u64, pool: &mut Pool) 
         let c = unsafe { child(e) };
         let (r, b) = unmap(c, level - 1, cur.max(lo(i)), end.min(lo(i) + size), pool);
         *bytes += b;
-        if r == count(e) {
-            t.e[i].store(0, Release);
-            pool.release(c.into());
-            *removed += 1;
-        } else if r != 0 {
+        if r != 0 {
+            if r == count(e) {
+                pool.idle += 1;
+            }
             t.e[i].store(e - r * COUNT_ONE, Release);
         }
     };
-    // Fully covered entries: a tight loop; leaves are just cleared, tables cleared and released.
+    // Fully covered entries: leaves are just cleared (a vectorized count, then a run of stores when there
+    // is no table among them), tables cleared and released.
     let full = |from: usize, to: usize, removed: &mut u64, bytes: &mut u64, pool: &mut Pool| {
+        match uniform(t, level, from, to - from) {
+            Some(true) => {
+                zero_entries(t, from, to - from);
+                let n = (to - from) as u64;
+                *removed += n;
+                *bytes += n << shift;
+                return;
+            }
+            Some(false) => return,
+            None => {}
+        }
         let mut leaves = 0u64;
         for slot in &t.e[from..to] {
             let e = slot.load(Relaxed);
@@ -420,7 +518,7 @@ pub(crate) fn unmap(t: &Table, level: u32, cur: u64, end: u64, pool: &mut Pool) 
                 // SAFETY: present non-leaf entry; the writer lock is held.
                 let c = unsafe { child(e) };
                 *bytes += clear(c, level - 1, count(e), pool);
-                pool.release(c.into());
+                release(c, count(e), pool);
                 *removed += 1;
             }
         }
@@ -433,22 +531,31 @@ pub(crate) fn unmap(t: &Table, level: u32, cur: u64, end: u64, pool: &mut Pool) 
         if head_full && tail_full {
             full(first, first + 1, &mut removed, &mut bytes, pool);
         } else {
-            partial(first, &mut removed, &mut bytes, pool);
+            partial(first, &mut bytes, pool);
         }
     } else {
         let from = if head_full {
             first
         } else {
-            partial(first, &mut removed, &mut bytes, pool);
+            partial(first, &mut bytes, pool);
             first + 1
         };
         let to = if tail_full { last + 1 } else { last };
         full(from, to, &mut removed, &mut bytes, pool);
         if !tail_full {
-            partial(last, &mut removed, &mut bytes, pool);
+            partial(last, &mut bytes, pool);
         }
     }
     (removed, bytes)
+}
+
+/// Release an unlinked, cleared table whose parent entry counted `count` entries (0: it was idle).
+#[inline(always)]
+fn release(t: &Table, count: u64, pool: &mut Pool) {
+    if count == 0 {
+        pool.idle -= 1;
+    }
+    pool.release(t.into());
 }
 
 /// Clear every entry of an unlinked table `t` at `level` that holds `live` non-zero entries, releasing its
@@ -472,8 +579,60 @@ fn clear(t: &Table, level: u32, mut live: u64, pool: &mut Pool) -> u64 {
             // SAFETY: present non-leaf entry; the writer lock is held.
             let c = unsafe { child(e) };
             bytes += clear(c, level - 1, count(e), pool);
-            pool.release(c.into());
+            release(c, count(e), pool);
         }
     }
     bytes
+}
+
+/// Entries `idx..idx + n` of `t` at `level` are zero or tables with no leaf under them (a map is about to
+/// write leaves there): unlink those tables and release them with everything under them. Returns how many
+/// entries held a table.
+fn unlink_idle(t: &Table, level: u32, idx: usize, n: usize, pool: &mut Pool) -> u64 {
+    let mut replaced = 0;
+    for slot in &t.e[idx..idx + n] {
+        let e = slot.load(Relaxed);
+        if e == 0 {
+            continue;
+        }
+        debug_assert!(!is_leaf(level, e), "plan_map let a map over a leaf through");
+        slot.store(0, Release);
+        // SAFETY: present non-leaf entry; the writer lock is held.
+        let c = unsafe { child(e) };
+        let bytes = clear(c, level - 1, count(e), pool);
+        debug_assert_eq!(bytes, 0, "replaced a table holding leaves");
+        release(c, count(e), pool);
+        replaced += 1;
+    }
+    replaced
+}
+
+/// Unlink and release every idle table under the directory `t` at `level` (>= 2), and every table that
+/// becomes empty that way. Leaf tables are never read: whether they are empty is in their parent entry.
+/// Returns how many entries of `t` became zero.
+pub(crate) fn reclaim_idle(t: &Table, level: u32, pool: &mut Pool) -> u64 {
+    let mut removed = 0;
+    for slot in t.e.iter() {
+        let e = slot.load(Relaxed);
+        if e == 0 || is_leaf(level, e) {
+            continue;
+        }
+        // SAFETY: present non-leaf entry; the writer lock is held.
+        let c = unsafe { child(e) };
+        let n = count(e);
+        let r = if n != 0 && level > 2 {
+            reclaim_idle(c, level - 1, pool)
+        } else {
+            0
+        };
+        if r == n {
+            // Idle, or emptied just now: every entry of `c` is zero.
+            slot.store(0, Release);
+            release(c, n, pool);
+            removed += 1;
+        } else if r != 0 {
+            slot.store(e - r * COUNT_ONE, Release);
+        }
+    }
+    removed
 }
