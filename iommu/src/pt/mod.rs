@@ -511,10 +511,28 @@ impl IoPageTable {
         let end = check_range(iova, 0, len)?;
         let mut w = self.inner.writer.lock();
         let d = walk::Descent::new(self.inner.root(), iova, end);
-        // Only the leaves holding the range's two ends can be cut; a 1 GiB-aligned end cuts nothing, nor
-        // does anything under a leaf table (4 KiB leaves only).
+        // Only the leaves holding the range's two ends can be cut; an end aligned to the size of the covering
+        // table's entries cuts nothing (leaves under it are that size or smaller), nor does anything under a
+        // leaf table (4 KiB leaves only).
+        let entry_size = format::level_size(d.level);
+        if len == entry_size && iova & (entry_size - 1) == 0 {
+            // Fast path: the range is exactly one entry of the covering table, a leaf or nothing (so its
+            // aligned ends cut nothing).
+            if let Some(bytes) = walk::unmap_one(&d, iova, &mut w.pool) {
+                if w.pool.idle_limit() {
+                    drop(w);
+                    return self.unmap_reclaim(iova, end, bytes, gather);
+                }
+                drop(w);
+                if bytes > 0 {
+                    gather.touch(iova, end);
+                    gather.flush = true;
+                }
+                return Ok(bytes);
+            }
+        }
         for edge in [iova, end] {
-            if d.level > 1 && edge & (PAGE_1G - 1) != 0 && edge < d.span_end(iova) {
+            if d.level > 1 && edge & (entry_size - 1) != 0 && edge < d.span_end(iova) {
                 if let Some((start, size)) = walk::leaf_at(d.table, d.level, edge) {
                     if start < edge {
                         return Err(PtError::PartialHugeUnmap {
@@ -538,6 +556,28 @@ impl IoPageTable {
             gather.flush = true;
             gather.freed_pages += freed;
         }
+        Ok(bytes)
+    }
+
+    /// The end of an unmap whose fast path took idle tables beyond their limit: reclaim them.
+    #[cold]
+    fn unmap_reclaim(
+        &self,
+        iova: u64,
+        end: u64,
+        bytes: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, PtError> {
+        let mut w = self.inner.writer.lock();
+        let pending = w.pool.pending();
+        if w.pool.idle_limit() {
+            self.reclaim_locked(&mut w.pool);
+        }
+        let freed = w.pool.pending() - pending;
+        drop(w);
+        gather.touch(iova, end);
+        gather.flush = true;
+        gather.freed_pages += freed;
         Ok(bytes)
     }
 

@@ -80,18 +80,18 @@ impl<'a> Descent<'a> {
             level: fmt::LEVELS,
             parent: None,
         };
+        // The range lies within one entry of level L and does not cover it iff both `iova ^ (end - 1)` and
+        // the length are below that entry's size, i.e. iff their OR is: one value for all levels.
+        let m = (iova ^ (end - 1)) | (end - iova);
         // Unrolled over the levels, so that every shift and mask is a constant.
-        let _ = d.step::<4>(iova, end) && d.step::<3>(iova, end) && d.step::<2>(iova, end);
+        let _ = d.step::<4>(iova, m) && d.step::<3>(iova, m) && d.step::<2>(iova, m);
         d
     }
 
     /// One level of [`Descent::new`] from the table at level `L`; whether it went down.
     #[inline(always)]
-    fn step<const L: u32>(&mut self, iova: u64, end: u64) -> bool {
-        let shift = level_shift(L);
-        // Within one entry of this table (the range already lies within this table's span), and not all of
-        // it.
-        if (iova ^ (end - 1)) >> shift != 0 || end - iova == 1 << shift {
+    fn step<const L: u32>(&mut self, iova: u64, m: u64) -> bool {
+        if m >> level_shift(L) != 0 {
             return false;
         }
         let slot = &self.table.e[index(iova, L)];
@@ -401,16 +401,44 @@ pub(crate) fn map_run(
     }
     let idx = index(iova, level);
     let n = (len >> level_shift(level)) as usize;
-    // Descent stops where the range spans several entries, or one entry that is not a table; with an
-    // aligned range that is only ever a run within this table.
-    if idx + n > ENTRIES || or_entries(d.table, idx, n) != 0 {
-        return None;
+    if n == 1 {
+        // One leaf: no run loops.
+        let slot = &d.table.e[idx];
+        if slot.load(Relaxed) != 0 {
+            return None;
+        }
+        slot.store(pa | leaf_flags(level, perm), Release);
+    } else {
+        // Descent stops where the range spans several entries, or one entry that is not a table; with an
+        // aligned range that is only ever a run within this table.
+        if idx + n > ENTRIES || or_entries(d.table, idx, n) != 0 {
+            return None;
+        }
+        write_leaves(d.table, level, idx, n, pa, perm);
     }
-    write_leaves(d.table, level, idx, n, pa, perm);
     d.add_to_parent(n as u64, pool);
     let mut stats = MapStats::default();
     stats.count_leaves(level, n as u64);
     Some(stats)
+}
+
+/// The unmap fast path: the range is exactly the entry of the covering table at `iova`. When that entry is
+/// a leaf or zero, clear it (uncounting it in the parent entry; the table stays linked even if now empty:
+/// the range does not cover its span) and return the bytes unmapped; `None` when it is a table (take the
+/// general path, which frees it).
+#[inline(always)]
+pub(crate) fn unmap_one(d: &Descent, iova: u64, pool: &mut Pool) -> Option<u64> {
+    let slot = &d.table.e[index(iova, d.level)];
+    let e = slot.load(Relaxed);
+    if e == 0 {
+        return Some(0);
+    }
+    if !is_leaf(d.level, e) {
+        return None;
+    }
+    slot.store(0, Release);
+    d.remove_from_parent(1, pool);
+    Some(level_size(d.level))
 }
 
 /// Write a run of `n` leaves at `level` starting at entry `idx` with output address `pa`.
