@@ -176,14 +176,17 @@ pub fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
 /// without EFI falls through to jumping into a BIOS that does not exist. `reboot=acpi` makes it write the
 /// FADT reset register, which the VMM turns into a reset (and the reset-vector stub catches the rest).
 pub fn guest_cmdline(user: &str) -> String {
-    let user = user.trim();
-    if user.split_whitespace().any(|w| w.starts_with("reboot=")) {
-        user.to_string()
-    } else if user.is_empty() {
-        "reboot=acpi".to_string()
-    } else {
-        format!("{user} reboot=acpi")
+    let words: Vec<&str> = user.split_whitespace().collect();
+    // Everything after a standalone "--" is for init, not the kernel.
+    let split = words.iter().position(|w| *w == "--").unwrap_or(words.len());
+    let (kernel, init) = words.split_at(split);
+    if kernel.iter().any(|w| w.starts_with("reboot=")) {
+        return words.join(" ");
     }
+    let mut out: Vec<&str> = kernel.to_vec();
+    out.push("reboot=acpi");
+    out.extend_from_slice(init);
+    out.join(" ")
 }
 
 /// Loads `kernel` (a bzImage), `initramfs` and `cmdline` into `mem`, writes the zero page and boot tables.
@@ -332,6 +335,15 @@ mod tests {
         assert_eq!(guest_cmdline("console=ttyS0"), "console=ttyS0 reboot=acpi");
         assert_eq!(guest_cmdline(""), "reboot=acpi");
         assert_eq!(guest_cmdline("reboot=k quiet"), "reboot=k quiet");
+        assert_eq!(
+            guest_cmdline("console=ttyS0 rdinit=/bin/busybox -- sh -c 'x'"),
+            "console=ttyS0 rdinit=/bin/busybox reboot=acpi -- sh -c 'x'",
+            "init's arguments stay last"
+        );
+        assert_eq!(
+            guest_cmdline("quiet -- reboot=x"),
+            "quiet reboot=acpi -- reboot=x"
+        );
     }
 
     #[test]
