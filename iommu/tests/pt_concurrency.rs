@@ -57,10 +57,19 @@ fn translate_concurrently_while_another_thread_maps_and_unmaps_elsewhere() {
                 x ^= x >> 7;
                 x ^= x << 17;
                 // Sizes and places that allocate and free leaf and directory tables.
-                let (iova, len) = match i % 4 {
+                let (iova, len) = match i % 6 {
                     0 => (CHURN + (x % 4096) * PAGE_4K, PAGE_4K * (1 + x % 8)),
                     1 => (CHURN + PAGE_1G * (1 + x % 8) + (x % 512) * PAGE_2M, PAGE_2M),
                     2 => (CHURN + PAGE_1G * (16 + x % 4), PAGE_1G),
+                    // Runs of leaves written and cleared with wide stores: 256 x 4K, 64 x 2M.
+                    3 => (
+                        CHURN + PAGE_1G * (20 + x % 4) + (x % 512) * PAGE_2M + (1 << 20),
+                        1 << 20,
+                    ),
+                    4 => (
+                        CHURN + PAGE_1G * (9 + x % 4) + (x % 8) * 64 * PAGE_2M,
+                        64 * PAGE_2M,
+                    ),
                     _ => (CHURN + (x % 64) * PAGE_2M + PAGE_4K, 3 * PAGE_4K),
                 };
                 let mut g = Gather::new();

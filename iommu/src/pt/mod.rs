@@ -37,6 +37,7 @@
 pub mod format;
 mod iotlb;
 mod pool;
+mod run;
 mod walk;
 
 use std::cell::UnsafeCell;

@@ -8,11 +8,8 @@
 //! links it), walkers load with `Acquire`. Writers read entries with `Relaxed` loads: only writers store, and
 //! they are serialized by the writer lock.
 //!
-//! Writer-side scans of runs of entries ([`plain`]) use plain (non-atomic) loads, which the compiler turns
-//! into vector loads: this is within Rust's memory model because a data race needs a write, and while the
-//! writer lock is held the only other accesses to entries are walkers' atomic *loads* (Rust's rules forbid
-//! racing non-atomic/atomic or mixed-size accesses only when at least one of them writes). Stores to entries
-//! are always 8-byte atomic stores, which walkers may read at any time.
+//! Writer-side scans of runs of entries ([`plain`]) use plain (non-atomic) loads, and runs of stores use
+//! 16-byte atomic stores where the CPU documents them: see `run.rs` for why both are sound.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
@@ -22,6 +19,7 @@ use super::format::{
     level_size, table_entry, COUNT_ONE, ENTRIES,
 };
 use super::pool::{Pool, Table};
+use super::run;
 use super::MapStats;
 
 /// The table a table entry points to.
@@ -234,7 +232,7 @@ fn plain<R>(t: &Table, idx: usize, n: usize, f: impl FnOnce(&[u64]) -> R) -> R {
 /// OR of the entries `idx..idx + n` (writer side: plain reads, vectorized).
 #[inline(always)]
 fn or_entries(t: &Table, idx: usize, n: usize) -> u64 {
-    plain(t, idx, n, |v| v.iter().fold(0, |acc, &e| acc | e))
+    plain(t, idx, n, run::or_all)
 }
 
 /// Whether the entries `idx..idx + n` of `t` at `level` are all leaves (`Some(true)`), all zero
@@ -245,28 +243,17 @@ fn uniform(t: &Table, level: u32, idx: usize, n: usize) -> Option<bool> {
     plain(t, idx, n, |v| {
         // Bit 0 of `e | e >> 1` is R or W: set for every present entry. Above level 1, PS marks leaves.
         let mark = if level == 1 { fmt::R } else { fmt::PS };
-        let all = v.iter().fold(!0, |acc, &e| acc & (e | e >> 1));
-        if all & mark != 0 {
+        if run::and_present(v) & mark != 0 {
             return Some(true);
         }
-        let any = v.iter().fold(0, |acc, &e| acc | e);
-        (any == 0).then_some(false)
+        (run::or_all(v) == 0).then_some(false)
     })
 }
 
-/// Zero the entries `idx..idx + n` (8-byte atomic stores; zero over zero is harmless to walkers).
+/// Zero the entries `idx..idx + n` (atomic stores, see `run.rs`; zero over zero is harmless to walkers).
 #[inline(always)]
 fn zero_entries(t: &Table, idx: usize, n: usize) {
-    // Unrolled by eight, as in `write_leaves`.
-    let (chunks, rest) = t.e[idx..idx + n].as_chunks::<8>();
-    for c in chunks {
-        for e in c {
-            e.store(0, Release);
-        }
-    }
-    for e in rest {
-        e.store(0, Release);
-    }
+    run::store_run(&t.e[idx..idx + n], 0, 0);
 }
 
 /// First mapped address in `[cur, end)` under the table `t` at `level`, if any (error reporting).
@@ -444,22 +431,11 @@ pub(crate) fn unmap_one(d: &Descent, iova: u64, pool: &mut Pool) -> Option<u64> 
 /// Write a run of `n` leaves at `level` starting at entry `idx` with output address `pa`.
 #[inline(always)]
 fn write_leaves(t: &Table, level: u32, idx: usize, n: usize, pa: u64, perm: u64) {
-    let flags = leaf_flags(level, perm);
-    let step = level_size(level);
-    let mut out = pa | flags;
-    // Eight 8-byte atomic stores per iteration (constant offsets): one loop branch per 64 bytes, so the
-    // loop runs at the core's store throughput instead of its taken-branch throughput.
-    let (chunks, rest) = t.e[idx..idx + n].as_chunks::<8>();
-    for c in chunks {
-        for (k, e) in c.iter().enumerate() {
-            e.store(out + k as u64 * step, Release);
-        }
-        out += 8 * step;
-    }
-    for e in rest {
-        e.store(out, Release);
-        out += step;
-    }
+    run::store_run(
+        &t.e[idx..idx + n],
+        pa | leaf_flags(level, perm),
+        level_size(level),
+    );
 }
 
 /// The leaf mapping `iova` under `t` at `level` (writer side), as (first iova of the leaf, page size).
