@@ -74,7 +74,18 @@ rig_check "cold-plugged: level 3 binds it and pings" hp_wait_l3 'RIG-HP: round 1
 hp_try cold-rm remove-device "$RIG_NIC_BDF" --timeout 180
 rig_grep "cold-plugged: remove-device (by BDF) parks it" "$RIG_OUT/cold-rm.out" '"state": "parked"' || true
 rig_check "cold-plugged: level 3 saw it leave" hp_wait_l3 'RIG-HP: gone 1' 200 || true
+# Added again, then ejected by the guest itself (slot power off in level 3): the VMM parks it all the same.
+hp_try cold-add add-device "path=$RIG_NIC_SYSFS"
+rig_grep "cold-plugged: added again" "$RIG_OUT/cold-add.out" '"state": "plugged"' || true
+rig_check "guest eject: level 3 powered the slot off and the igb left" hp_wait_l3 'RIG-HP: gone 2' 400 || true
 rig_check "cold-plugged: level 3 ran to its end" hp_wait_l3 'RIG-HP: level 3 done' 200 || true
 hp_wait_vmm
 rig_check "cold-plugged: vmm exits 0 (exit $HP_VMM_RC)" test "$HP_VMM_RC" = 0 || true
+# (Level 3 powers off right after its own eject, so this is read from the VMM's log, not list-devices.)
+parks=$(grep -c 'vfio0 (.*) parked: blocked domain attached' "$RIG_OUT/vmm.log" || true)
+rig_check "guest eject: the VMM parked the igb without a remove-device (parked $parks times: API + guest)" \
+  test "$parks" = 2 || true
+asked=$(grep -c 'vfio0 (.*): the guest ejected it .* after the request' "$RIG_OUT/vmm.log" || true)
+rig_check "guest eject: one of the two ejects was asked by remove-device, the other was the guest's own ($asked asked)" \
+  test "$asked" = 1 || true
 rig_grep "cold-plugged: nothing left at exit" "$RIG_OUT/vmm.log" '0 container\(s\), 0 BAR slot\(s\) and 0 VFIO fd\(s\) left' || true

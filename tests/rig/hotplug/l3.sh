@@ -11,6 +11,16 @@ if grep -q rig.coldplug /proc/cmdline; then
   echo "RIG-HP: ready"
   hp_round 1
   hp_wait_gone 1
+  # Added again through the API; then level 3 ejects it itself (acpiphp slot power off -> _EJ0).
+  hp_round 2 bindonly
+  addr=$(basename "$igb" | cut -d. -f1)
+  slot=""
+  for s in /sys/bus/pci/slots/*; do
+    [ "$(cat "$s/address" 2>/dev/null)" = "$addr" ] && slot=$s
+  done
+  rig_check "round 2: the igb's hotplug slot is $slot" test -n "$slot" || true
+  [ -n "$slot" ] && echo 0 >"$slot/power"
+  hp_wait_gone 2
   echo "RIG-HP: level 3 done"
   exit 0
 fi
