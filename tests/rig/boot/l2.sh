@@ -43,6 +43,30 @@ rig_vmm -t 150 --kernel "$RIG_L3_KERNEL" --initramfs "$RIG_L3_INITRD" --cmdline 
 rig_check "a guest reboot ends vmm with status 2 (exit $rc)" test "$rc" = 2 || true
 rig_grep "and vmm says why" "$RIG_OUT/vmm.log" 'the guest reset' || true
 
+# To a shell: busybox sh as init, fed through vmm's stdin (the serial console's input). The command is
+# typed until its answer shows (the 8250 driver may flush input that arrives before it is ready); the
+# answer is computed by the guest's shell, so it proves input reached it. Then the shell powers off.
+rm -f "$RIG_OUT/in.fifo" "$RIG_OUT/l3-console.log"
+mkfifo "$RIG_OUT/in.fifo"
+(
+  i=0
+  while [ $i -lt 40 ] && ! grep -q '^SHELL-42' "$RIG_OUT/l3-console.log" 2>/dev/null; do
+    printf 'echo SHELL-$((6*7))\n'
+    sleep 3
+    i=$((i + 1))
+  done
+  printf '/bin/busybox poweroff -f\n'
+  sleep 30
+) >"$RIG_OUT/in.fifo" &
+typist=$!
+rc=0
+rig_vmm -t 150 --kernel "$RIG_L3_KERNEL" --initramfs "$RIG_L3_INITRD" \
+  --cmdline "console=ttyS0 panic=-1 quiet rdinit=/bin/busybox -- sh" --cpus boot=2 --memory size=512M \
+  <"$RIG_OUT/in.fifo" || rc=$?
+kill "$typist" 2>/dev/null || true
+rig_grep "shell: the guest's shell answered a command typed on vmm's stdin" "$RIG_OUT/l3-console.log" '^SHELL-42' || true
+rig_check "shell: poweroff from the shell ends vmm with status 0 (exit $rc)" test "$rc" = 0 || true
+
 # A request the host cannot serve is a clear error, not a crash.
 echo 0 >/proc/sys/vm/nr_hugepages
 rc=0
