@@ -271,7 +271,14 @@ pub fn load_linux(
             limit: max,
         };
         let addr = (max + 1).checked_sub(size).ok_or_else(too_big)? & !0xfff;
-        if addr < loaded.kernel_end.max(HIGH_RAM_START + (64 << 20)) {
+        // The decompressed kernel needs init_size bytes from its preferred address (16 MiB unless the
+        // header says otherwise); the initramfs must stay above that and above the loaded image.
+        let pref = match params.hdr.pref_address {
+            0 => 0x100_0000,
+            p => p,
+        };
+        let kernel_top = pref.saturating_add(u64::from(params.hdr.init_size));
+        if addr < loaded.kernel_end.max(kernel_top) {
             return Err(too_big());
         }
         mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
