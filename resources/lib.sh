@@ -67,8 +67,27 @@ EOS
   touch "$stamp"
 }
 
+# _res_memo KEY CMD...: CMD's output, remembered until the package lists are refreshed (apt-cache is slow).
+_res_memo() {
+  local key=$1 dir="$IOVMM_CACHE/apt/memo"
+  shift
+  local f="$dir/$key"
+  if [ -s "$f" ] && [ "$f" -nt "$IOVMM_CACHE/apt/lists/.updated" ]; then
+    cat "$f"
+    return 0
+  fi
+  mkdir -p "$dir"
+  local out
+  out=$("$@") || return 1
+  [ -n "$out" ] && printf '%s\n' "$out" >"$f"
+  printf '%s\n' "$out"
+}
+
 # res_deb_version PKG [SUITE]: candidate version of PKG (restricted to SUITE if given), empty if none.
 res_deb_version() {
+  _res_memo "version-$1@${2:-any}" _res_deb_version "$@"
+}
+_res_deb_version() {
   local pkg=$1 suite=${2:-}
   if [ -n "$suite" ]; then
     _res_apt apt-cache madison "$pkg" | awk -v s="$suite" -F' *[|] *' 'index($3, " " s "/") { print $2 }' \
@@ -135,12 +154,16 @@ EOQ
   echo "$dest/qemu"
 }
 
+_res_newest_kernel() {
+  _res_apt apt-cache pkgnames linux-image-6.12. \
+    | grep -E '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$' | sort -V | tail -n1
+}
+
 # res_kernel_package: the newest Debian 6.12 kernel image package (name and version), resolved with apt-cache.
 res_kernel_package() {
   res_apt_update
   local pkg
-  pkg=$(_res_apt apt-cache pkgnames linux-image-6.12. \
-    | grep -E '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$' | sort -V | tail -n1)
+  pkg=$(_res_memo kernel-package _res_newest_kernel)
   [ -n "$pkg" ] || die "no linux-image-6.12.*+deb12-amd64-unsigned package in bookworm(-security)"
   echo "$pkg $(res_deb_version "$pkg")"
 }
