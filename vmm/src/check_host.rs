@@ -193,7 +193,7 @@ pub struct Hugepages {
     pub pools: Vec<HugepagePool>,
 }
 
-/// One pool of /sys/kernel/mm/hugepages/hugepages-<size>kB.
+/// One pool of `/sys/kernel/mm/hugepages/hugepages-<size>kB`.
 #[derive(Debug, Serialize, Clone, PartialEq, Eq)]
 pub struct HugepagePool {
     /// Page size in KiB.
