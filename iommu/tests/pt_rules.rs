@@ -228,6 +228,29 @@ fn unmap_skips_holes_and_returns_bytes_unmapped() {
     assert_eq!(unmap(&t, TIB, 2 * PAGE_1G), Ok(0));
 }
 
+/// A leaf table holding as many entries as the unmapped run is long, with a hole in the run and one entry
+/// outside it: the bytes returned count only what the run held (regression: a shortcut once trusted the
+/// table's count).
+#[test]
+fn unmap_counts_holes_when_the_table_count_equals_the_run_length() {
+    let t = IoPageTable::new();
+    let base = TIB + 8 * PAGE_2M;
+    map(&t, base, 0, 10 * PAGE_4K, Prot::RW).unwrap();
+    map(&t, base + 11 * PAGE_4K, 0, 245 * PAGE_4K, Prot::RW).unwrap();
+    map(&t, base + 300 * PAGE_4K, 0, PAGE_4K, Prot::RW).unwrap();
+    // 256 entries live; the run [0, 256) holds 255 of them.
+    assert_eq!(unmap(&t, base, 256 * PAGE_4K), Ok(255 * PAGE_4K));
+    assert!(t.iova_to_phys(base + 300 * PAGE_4K).is_some());
+    assert_eq!(unmap(&t, base, PAGE_2M), Ok(PAGE_4K));
+    // The same with 2 MiB leaves in a level-2 table.
+    let base = 2 * TIB;
+    map(&t, base, base, 10 * PAGE_2M, Prot::RW).unwrap();
+    map(&t, base + 11 * PAGE_2M, base, 245 * PAGE_2M, Prot::RW).unwrap();
+    map(&t, base + 300 * PAGE_2M, base, PAGE_2M, Prot::RW).unwrap();
+    assert_eq!(unmap(&t, base, 256 * PAGE_2M), Ok(255 * PAGE_2M));
+    assert_eq!(unmap(&t, base, PAGE_1G), Ok(PAGE_2M));
+}
+
 #[test]
 fn iova_to_phys_for_each_leaf_size() {
     for (i, &size) in PAGE_SIZES.iter().enumerate() {

@@ -545,7 +545,7 @@ impl IoPageTable {
             }
         }
         let pending = w.pool.pending();
-        let (removed, bytes) = walk::unmap(d.table, d.level, iova, end, &mut w.pool);
+        let (removed, bytes) = walk::unmap(d.table, d.level, iova, end, d.live(), &mut w.pool);
         d.remove_from_parent(removed, &mut w.pool);
         if w.pool.idle_limit() {
             self.reclaim_locked(&mut w.pool);

@@ -52,7 +52,29 @@ unsafe fn or_all_avx2(v: &[u64]) -> u64 {
     or_all_generic(v)
 }
 
-/// AND over `v` of `e | e >> 1` (bit 0: every entry has R or W; bit 7: every entry has PS).
+/// AND of all `v` (bit 7: every entry has PS, i.e. is a leaf above level 1).
+#[inline(always)]
+pub(super) fn and_all(v: &[u64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if v.len() >= WIDE_MIN && std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { and_all_avx2(v) };
+    }
+    and_all_generic(v)
+}
+
+#[inline(always)]
+fn and_all_generic(v: &[u64]) -> u64 {
+    v.iter().fold(!0, |acc, &e| acc & e)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn and_all_avx2(v: &[u64]) -> u64 {
+    and_all_generic(v)
+}
+
+/// AND over `v` of `e | e >> 1` (bit 0: every entry has R or W).
 #[inline(always)]
 pub(super) fn and_present(v: &[u64]) -> u64 {
     #[cfg(target_arch = "x86_64")]
@@ -238,6 +260,7 @@ mod tests {
             let s = &v[..n];
             assert_eq!(or_all(s), s.iter().fold(0, |a, &e| a | e));
             assert_eq!(and_present(s), s.iter().fold(!0, |a, &e| a & (e | e >> 1)));
+            assert_eq!(and_all(s), s.iter().fold(!0, |a, &e| a & e));
         }
     }
 }

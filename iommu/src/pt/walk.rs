@@ -104,6 +104,13 @@ impl<'a> Descent<'a> {
         true
     }
 
+    /// The number of non-zero entries of the covering table, from its parent entry (`None` for the root,
+    /// which has no parent entry).
+    #[inline(always)]
+    pub(crate) fn live(&self) -> Option<u64> {
+        self.parent.map(|p| count(p.load(Relaxed)))
+    }
+
     /// End of the covering table's span (the range's `iova` lies in it).
     #[inline(always)]
     pub(crate) fn span_end(&self, iova: u64) -> u64 {
@@ -242,8 +249,12 @@ fn or_entries(t: &Table, idx: usize, n: usize) -> u64 {
 fn uniform(t: &Table, level: u32, idx: usize, n: usize) -> Option<bool> {
     plain(t, idx, n, |v| {
         // Bit 0 of `e | e >> 1` is R or W: set for every present entry. Above level 1, PS marks leaves.
-        let mark = if level == 1 { fmt::R } else { fmt::PS };
-        if run::and_present(v) & mark != 0 {
+        let all = if level == 1 {
+            run::and_present(v) & fmt::R
+        } else {
+            run::and_all(v) & fmt::PS
+        };
+        if all != 0 {
             return Some(true);
         }
         (run::or_all(v) == 0).then_some(false)
@@ -398,7 +409,8 @@ pub(crate) fn map_run(
     } else {
         // Descent stops where the range spans several entries, or one entry that is not a table; with an
         // aligned range that is only ever a run within this table.
-        if idx + n > ENTRIES || or_entries(d.table, idx, n) != 0 {
+        // An empty table (parent count zero: a fresh or idle one) needs no scan.
+        if idx + n > ENTRIES || (d.live() != Some(0) && or_entries(d.table, idx, n) != 0) {
             return None;
         }
         write_leaves(d.table, level, idx, n, pa, perm);
@@ -451,14 +463,30 @@ pub(crate) fn leaf_at(t: &Table, level: u32, iova: u64) -> Option<(u64, u64)> {
 /// range's ends. Tables whose whole span the range covers are unlinked and released to the pool (pending
 /// until sync); a table left empty by a range that covers only part of its span stays linked, idle.
 /// Returns (entries of `t` that became zero, bytes unmapped).
-pub(crate) fn unmap(t: &Table, level: u32, cur: u64, end: u64, pool: &mut Pool) -> (u64, u64) {
+///
+/// `live` is the number of non-zero entries of `t` when known (its parent entry's count): a leaf table
+/// that is full, or empty, needs no scan.
+pub(crate) fn unmap(
+    t: &Table,
+    level: u32,
+    cur: u64,
+    end: u64,
+    live: Option<u64>,
+    pool: &mut Pool,
+) -> (u64, u64) {
     let shift = level_shift(level);
     let size = 1u64 << shift;
     let first = index(cur, level);
     let last = index(end - 1, level);
     if level == 1 {
         let n = last + 1 - first;
-        let removed = match uniform(t, 1, first, n) {
+        // (A count equal to the run's length says nothing: some of them may lie outside the run.)
+        let known = match live {
+            Some(0) => Some(false),
+            Some(l) if l == ENTRIES as u64 => Some(true),
+            _ => uniform(t, 1, first, n),
+        };
+        let removed = match known {
             Some(true) => n as u64,
             Some(false) => return (0, 0),
             None => t.e[first..=last]
@@ -486,7 +514,14 @@ pub(crate) fn unmap(t: &Table, level: u32, cur: u64, end: u64, pool: &mut Pool) 
         }
         // SAFETY: present non-leaf entry; the writer lock is held.
         let c = unsafe { child(e) };
-        let (r, b) = unmap(c, level - 1, cur.max(lo(i)), end.min(lo(i) + size), pool);
+        let (r, b) = unmap(
+            c,
+            level - 1,
+            cur.max(lo(i)),
+            end.min(lo(i) + size),
+            Some(count(e)),
+            pool,
+        );
         *bytes += b;
         if r != 0 {
             if r == count(e) {
