@@ -105,8 +105,17 @@ pub struct KvmReport {
     pub error: Option<String>,
     /// KVM_GET_API_VERSION (12 on every kernel since 2.6.22).
     pub api_version: Option<i32>,
-    /// Capabilities and their values (0: absent; 1: present; more: a count).
-    pub capabilities: Vec<(String, i32)>,
+    /// Capabilities and their values, in a fixed order.
+    pub capabilities: Vec<Capability>,
+}
+
+/// One KVM capability as KVM_CHECK_EXTENSION answers it.
+#[derive(Debug, Serialize, Clone, PartialEq, Eq)]
+pub struct Capability {
+    /// KVM's name without the `KVM_CAP_` prefix.
+    pub name: String,
+    /// 0: absent; 1: present; more: a count (vCPUs, memory slots, routes).
+    pub value: i32,
 }
 
 /// What `/dev/vfio/vfio` offers.
@@ -332,7 +341,10 @@ fn probe_kvm(path: &Path) -> KvmReport {
             api_version: Some(kvm.get_api_version()),
             capabilities: KVM_CAPS
                 .iter()
-                .map(|(name, cap)| ((*name).to_string(), kvm.check_extension_int(*cap)))
+                .map(|(name, cap)| Capability {
+                    name: (*name).to_string(),
+                    value: kvm.check_extension_int(*cap),
+                })
                 .collect(),
         },
         Err(e) => KvmReport {
@@ -708,7 +720,7 @@ pub fn render(r: &Report) -> String {
                 .kvm
                 .capabilities
                 .iter()
-                .map(|(n, v)| format!("{n}={v}"))
+                .map(|c| format!("{}={}", c.name, c.value))
                 .collect();
             let _ = writeln!(s, "kvm capabilities: {}", caps.join(" "));
         }
