@@ -10,4 +10,6 @@ while [ $n -le "${HP_CYCLES:-20}" ]; do
   hp_wait_gone $n
   n=$((n + 1))
 done
+# Level 2 reads its counters now; it plugs the igb once more when it is done, which is level 3's cue to finish.
+hp_round $n noping
 echo "RIG-HP: level 3 done"

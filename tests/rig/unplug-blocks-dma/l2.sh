@@ -50,6 +50,9 @@ dmesg | grep 'DMAR' | tail -n 5
 rig_check "parked: level 2's kernel logged a DMAR fault for the attempt ($f1 -> $f2)" test "$f2" -gt "$f1" || true
 rig_check "parked: the fault is at the test IOVA 0xf0000000" sh -c "dmesg | grep 'DMAR: \[DMA Read' | tail -n 3 | grep -q 'fault addr 0xf0000000'" || true
 
+# Plug it again: it works after the DMA test, and it tells level 3 that level 2 is done.
+hp_try readd add-device "path=$RIG_NIC_SYSFS"
+rig_grep "the parked igb plugs in again after the test" "$RIG_OUT/readd.out" '"state": "plugged"' || true
 rig_check "level 3 ran to its end" hp_wait_l3 'RIG-HP: level 3 done' 200 || true
 hp_wait_vmm
 rig_check "vmm exits 0 after level 3 powers off (exit $HP_VMM_RC)" test "$HP_VMM_RC" = 0 || true
