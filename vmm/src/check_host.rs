@@ -832,7 +832,7 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(
             s,
             "hugepage pool {}: nr {} free {}",
-            human_size(p.size_kib * 1024),
+            human_size(p.size_kib.saturating_mul(1024)),
             opt(p.nr),
             opt(p.free)
         );
@@ -1087,6 +1087,10 @@ mod tests {
             "0\n",
         );
         t.write("sys/kernel/mm/hugepages/weird/nr_hugepages", "1\n");
+        t.write(
+            "sys/kernel/mm/hugepages/hugepages-18446744073709551615kB/nr_hugepages",
+            "x\n",
+        );
         let pools = read_hugepage_pools(&t.paths().sys);
         assert_eq!(
             pools,
@@ -1101,8 +1105,22 @@ mod tests {
                     nr: Some(0),
                     free: None
                 },
+                HugepagePool {
+                    size_kib: u64::MAX,
+                    nr: None,
+                    free: None
+                },
             ]
         );
+        // An absurd pool size must not overflow while the report is written.
+        let report = Report {
+            hugepages: Hugepages {
+                pools,
+                ..Default::default()
+            },
+            ..collect(&t.paths())
+        };
+        assert!(render(&report).contains("hugepage pool "));
     }
 
     #[test]
