@@ -18,8 +18,10 @@
 //! # Concurrency and memory safety
 //! Entries are `AtomicU64`. Writers (map, unmap, sync) serialize on a small writer lock; walkers never take
 //! it. Page-table pages are never returned to the allocator while the table lives (the pool keeps them), so a
-//! walker holding a stale pointer still reads valid memory. A page unlinked by unmap is *pending*; it becomes
-//! reusable only after a `sync` that bumps the table's generation under the writer lock, after the unlink.
+//! walker holding a stale pointer still reads valid memory. A page unlinked by unmap (or by a map that puts
+//! a larger leaf over idle tables) is *pending*; it becomes reusable only after a `sync` that bumps the
+//! table's generation under the writer lock, after the unlink ([`IoPageTable::reclaim_idle_tables`] does
+//! both under one lock).
 //! Walkers read the generation before and after a walk and retry when it changed (a seqlock read), so a walk
 //! that raced with the reuse of a page it passed through is never trusted:
 //! - a walker that reached page T read generation `g1` before the bump that made T reusable: had it read
@@ -33,6 +35,17 @@
 //!
 //! The same generation tags every IOTLB entry of a [`Translator`]: after `sync` of an unmap returns, no
 //! translator returns a translation cached before it. Maps need no invalidation (nothing negative is cached).
+//!
+//! Runs of entries (2 MiB-or-more maps and unmaps) are scanned by the writer with plain vector loads and
+//! written with 16-byte atomic stores where the CPU documents them; the argument that this stays within
+//! Rust's memory model is in `run.rs`.
+//!
+//! # Memory
+//! Keeping emptied tables linked trades memory for speed: a driver that maps and unmaps single pages (a
+//! NIC in strict mode) finds its tables in place, so a map+unmap pair writes two entries and allocates
+//! nothing, and the unmap's sync takes no lock. The cost is at most max(1024 tables = 4 MiB,
+//! the non-idle tables) of idle tables per domain, i.e. never more than twice the memory the mappings
+//! themselves need beyond 4 MiB; [`IoPageTable::reclaim_idle_tables`] returns it at once.
 
 pub mod format;
 mod iotlb;
