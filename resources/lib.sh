@@ -173,7 +173,8 @@ res_kernel_package() {
 res_kernel() {
   res_host_packages
   local pkg ver kver key dest
-  read -r pkg ver < <(res_kernel_package)
+  read -r pkg ver < <(res_kernel_package) || true
+  [ -n "${ver:-}" ] || die "could not resolve the Debian 6.12 kernel package (see the messages above)"
   kver=${pkg#linux-image-}
   kver=${kver%-unsigned}
   key=$(hash_of -s "$RES_MODULES" -s "$ver")
