@@ -116,6 +116,8 @@ impl Drop for RawTerminal {
 /// Boots a guest as the command line asks; returns the exit status (see the crate documentation).
 pub fn run(args: cli::RunArgs) -> Result<ExitCode, Error> {
     let started = Instant::now();
+    // First, so that a signal during set-up is not lost: the event loop acts on it as soon as it runs.
+    event_loop::handle_termination_signals()?;
     let kernel = args.kernel.as_deref().ok_or(Error::NoKernel)?;
     let checked = passthrough::preflight(
         &args.devices,
@@ -185,7 +187,6 @@ pub fn run(args: cli::RunArgs) -> Result<ExitCode, Error> {
         boot.entry,
         started.elapsed()
     );
-    event_loop::handle_termination_signals()?;
     let api = match (hotplug, &args.api_socket) {
         (Some(h), Some(path)) => Some(api::ApiServer::start(path, h)?),
         _ => None,

@@ -94,7 +94,7 @@ fn a_tiny_kernel_boots_writes_the_console_file_and_powers_off() {
 #[test]
 fn sigterm_stops_the_vm_and_exits_143() {
     let k = scratch("spinning-bzimage", &fake_bzimage());
-    let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args([
             "--kernel",
             k.to_str().unwrap_or(""),
@@ -104,16 +104,30 @@ fn sigterm_stops_the_vm_and_exits_143() {
             "off",
             "--cpus",
             "2",
+            "-v",
         ])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start vmm");
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Wait until the vCPUs are about to run, then ask vmm to stop.
+    let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut seen = String::new();
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut err, &mut line).unwrap_or(0) > 0 {
+        seen.push_str(&line);
+        if line.contains("starting 2 vCPU(s)") {
+            break;
+        }
+        line.clear();
+    }
+    assert!(seen.contains("starting 2 vCPU(s)"), "{seen}");
     // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let out = child.wait_with_output().expect("wait for vmm");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{err}");
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+    let status = child.wait().expect("wait for vmm");
+    let err = format!("{seen}{rest}");
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{err}");
     assert!(err.contains("stopped by signal 15"), "{err}");
 }
 

@@ -327,6 +327,64 @@ fn pci_config_via_ports_and_ecam_and_bar_mmio_from_a_cpl3_guest() {
 }
 
 #[test]
+fn a_guest_moves_a_bar_through_ecam_and_the_bus_follows() {
+    let (vm, _) = new_vm(1, 64 << 20);
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let mut config = PciConfig::new(0x1234, 0x5678, 0xff, 0, 0);
+    assert!(config.add_bar(
+        0,
+        PciBarDef {
+            size: 0x1000,
+            kind: BarKind::Mem32 {
+                prefetchable: false
+            }
+        }
+    ));
+    let dev = Arc::new(Mutex::new(Recorder {
+        config,
+        writes: writes.clone(),
+    }));
+    vm.devices()
+        .pci()
+        .add_device(None, dev.clone())
+        .expect("plug");
+    let old = dev.lock().map(|d| d.bars()[0].base).unwrap_or(0);
+    let new: u32 = 0xd000_0000;
+    assert_ne!(u64::from(new), old);
+    let mut code = vec![0x48, 0xbb]; // mov rbx, ECAM + 00:01.0 BAR0
+    code.extend_from_slice(&(ECAM_START + (1 << 15) + 0x10).to_le_bytes());
+    code.extend_from_slice(&[0xc7, 0x03]); // mov dword [rbx], new
+    code.extend_from_slice(&new.to_le_bytes());
+    code.extend_from_slice(&[0x48, 0xbb]); // mov rbx, new
+    code.extend_from_slice(&u64::from(new).to_le_bytes());
+    code.extend_from_slice(&[0xc7, 0x43, 0x10, 0x0d, 0xd0, 0xfe, 0xca]); // mov dword [rbx+0x10], 0xcafed00d
+    code.extend_from_slice(&POWEROFF64);
+    code.extend_from_slice(&[0xeb, 0xfe]);
+    load(&vm, 0x1000, &code);
+    long_mode_cpl3(&vm, &vm.vcpus()[0], 0x1000);
+    let running = vm.start().expect("start");
+    let exit = running.wait_exit(TIMEOUT);
+    let pci = running.devices().pci().clone();
+    running.stop(TIMEOUT).expect("vCPUs stop");
+    assert_eq!(exit, Some(VmExit::PowerOff));
+    assert_eq!(
+        dev.lock().map(|d| d.bars()[0].base).unwrap_or(0),
+        u64::from(new)
+    );
+    let w = writes.lock().map(|w| w.clone()).unwrap_or_default();
+    assert_eq!(
+        w,
+        vec![(0, 0x10, 0xcafe_d00du32.to_le_bytes().to_vec())],
+        "the write reached the moved BAR"
+    );
+    let mut v = [0u8; 4];
+    assert!(
+        !pci.mmio_read(old, &mut v),
+        "the old range no longer routes to the device"
+    );
+}
+
+#[test]
 fn memory_slots_above_4g_are_guest_ram() {
     // 3 GiB + 64 MiB: the last 64 MiB live in the second slot at 4 GiB.
     let (vm, _) = new_vm(1, (3 << 30) + (64 << 20));
@@ -361,12 +419,13 @@ fn memory_slots_above_4g_are_guest_ram() {
 fn several_vcpus_run_and_halted_ones_are_stopped_cleanly() {
     const N: u8 = 4;
     let (vm, console) = new_vm(N, 64 << 20);
-    // APs: lock inc word [0x3000]; mov dx,0x3f8; mov al,'h'; out dx,al; hlt; jmp $-1
+    // APs: mov dx,0x3f8; mov al,'h'; out dx,al; lock inc word [0x3000]; hlt; jmp $-1
+    // (print first, then count: the BSP's '!' comes after every 'h').
     load(
         &vm,
         0x1100,
         &[
-            0xf0, 0xff, 0x06, 0x00, 0x30, 0xba, 0xf8, 0x03, 0xb0, b'h', 0xee, 0xf4, 0xeb, 0xfd,
+            0xba, 0xf8, 0x03, 0xb0, b'h', 0xee, 0xf0, 0xff, 0x06, 0x00, 0x30, 0xf4, 0xeb, 0xfd,
         ],
     );
     // BSP: lock inc word [0x3000]; wait until it reads N; print '!'; power off.
