@@ -8,3 +8,5 @@ rig_check "hugepages were reserved" test "$(cat /proc/sys/vm/nr_hugepages)" = 8
 rig_check "memlock is unlimited" test "$(ulimit -l)" = unlimited
 echo "to the vmm log" >>"$RIG_VMM_LOG_TTY"
 echo "to the l3 console" >>"$RIG_L3_TTY"
+rig_check "the level-3 image has the scenario's test and extra file" \
+  sh -c "zcat '$RIG_L3_INITRD' | cpio -t 2>/dev/null | grep -q '^etc/hello.txt\$' && zcat '$RIG_L3_INITRD' | cpio -t 2>/dev/null | grep -q '^test.sh\$'"
