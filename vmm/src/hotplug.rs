@@ -12,20 +12,19 @@
 //! ```text
 //!   add-device ──► plugged ──remove-device──► unplugging ──guest _EJ0──► parked ──add-device──► plugged
 //! ```
-//! - **add** (new device): preflight (sysfs, vfio-pci, group viable, memlock), probe into the IOMMU
-//!   component, claim its group (blocked domain: the device is opened in an empty container), attach the
-//!   guest-RAM paging domain (its mappings are replayed into the container), build the passthrough PCI
-//!   device (config space, BAR slots, one GSI + irqfd per MSI-X vector), put it on the bus, tell the guest.
+//! Each step on the device itself (open, plug, park, release) is [`Passthrough`]'s, the same code that
+//! serves `--device` without an API socket; this module adds what the guest and the API client see:
+//! - **add** (new device): preflight (sysfs, vfio-pci, group viable, memlock for one more container),
+//!   [`Passthrough::open`] and [`Passthrough::plug`], then the slot is handed to the controller and the
+//!   guest is told (device check).
 //! - **remove**: the guest is asked to eject; when its `_EJ0` write arrives, the controller takes the
-//!   device off the bus at once (vCPU thread), and this module (API thread) **parks** it: the component
-//!   attaches the blocked domain (for the type1 driver: every mapping removed from the group's container,
-//!   the device fd kept open), then the PCI device is shut down (MSI-X off, KVM BAR slots removed,
-//!   device reset, GSI routes and irqfds released). A parked device reaches no memory at all.
-//! - **add** of a parked device: the component plugs the group again and attaches the guest-RAM domain,
-//!   which replays the mappings into the (empty) container: this works after the last device left too,
-//!   because the domain keeps its mappings whether or not a container is attached.
-//! - **VMM exit**: every device is released through the component (release domain = blocked, then
-//!   release_device closes the fds), then the domain is freed.
+//!   device off the bus at once (vCPU thread), and this module (API thread) parks it
+//!   ([`Passthrough::park`]: blocked domain first, then the PCI device is stopped). A guest may also
+//!   eject a device on its own (slot power off); it is parked all the same.
+//! - **add** of a parked device: [`Passthrough::plug`] again; the guest-RAM domain replays its mappings
+//!   into the (empty) container, which works after the last device left too, because the domain keeps
+//!   its mappings whether or not a container is attached.
+//! - **VMM exit**: every device is released ([`Passthrough::release_device`]), then the domain is freed.
 //!
 //! # The DMA test command
 //! `dma-test` makes a NIC (igb 8086:10c9 or e1000e 8086:10d3) transmit one frame from a TX ring that the
@@ -37,29 +36,23 @@
 //! the NIC), unless forced.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use acpi_tables::{aml, Aml};
 use devices::hotplug::{HotplugError, PciHotplugController, REGS_LEN};
-use devices::pci::{MsiRouting, PciBus, PciDevice, PciSlot};
-use devices::vfio_pci::VfioPciDevice;
-use iommu::core::{
-    CoreError, DeviceDesc, DeviceId, GroupId, InstanceId, IommuCore, OwnerId, PagingDomain, Prot,
-    Target,
-};
-use iommu::vfio::VfioIommu;
+use devices::pci::PciDevice;
 use serde_json::{json, Value};
 use vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX;
 use vfio_ioctls::VfioDevice;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{Backend, Reply, Request};
-use crate::interrupts::GsiRouter;
-use crate::memory::GuestMemory;
-use crate::passthrough::{self, CheckedDevice, DeviceSpec, KvmBarSlots, PreflightError};
+use crate::passthrough::{
+    self, AttachError, CheckedDevice, DeviceSpec, Passthrough, PassthroughDevice, PreflightError,
+};
 use crate::vm::Vm;
 
 /// GSI (IOAPIC pin) of the Generic Event Device: edge-triggered, active high.
@@ -86,9 +79,6 @@ const _: () = {
     );
 };
 
-/// The owner id the VMM claims groups with.
-const VMM_OWNER: OwnerId = OwnerId(1);
-
 /// Errors of hotplug operations (the messages go back to the API client).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -98,34 +88,9 @@ pub enum Error {
     /// A bad device argument.
     #[error("{0}")]
     Spec(String),
-    /// The IOMMU component refused or its driver failed.
-    #[error("{device}: {what}: {chain}")]
-    Iommu {
-        /// The device.
-        device: String,
-        /// The step.
-        what: &'static str,
-        /// The error with its causes.
-        chain: String,
-    },
-    /// The passthrough PCI device could not be built.
-    #[error("{device}: {source}")]
-    Device {
-        /// The device.
-        device: String,
-        /// Why.
-        #[source]
-        source: devices::vfio_pci::VfioPciError,
-    },
-    /// The PCI bus refused the device.
-    #[error("{device}: {source}")]
-    Bus {
-        /// The device.
-        device: String,
-        /// Why.
-        #[source]
-        source: devices::pci::PciBusError,
-    },
+    /// A step of the passthrough lifecycle failed (the component, the PCI device or the bus).
+    #[error(transparent)]
+    Passthrough(#[from] AttachError),
     /// The hotplug controller refused.
     #[error("{0}")]
     Controller(#[from] HotplugError),
@@ -169,24 +134,6 @@ pub enum Error {
     /// Interrupt wiring.
     #[error("hotplug: the GED interrupt: {0}")]
     Msi(#[from] devices::pci::MsiError),
-}
-
-fn chain(e: &CoreError) -> String {
-    let mut s = e.to_string();
-    let mut cur = std::error::Error::source(e);
-    while let Some(c) = cur {
-        s += &format!(": {c}");
-        cur = c.source();
-    }
-    s
-}
-
-fn ierr<'a>(device: &'a str, what: &'static str) -> impl FnOnce(CoreError) -> Error + 'a {
-    move |e| Error::Iommu {
-        device: device.to_string(),
-        what,
-        chain: chain(&e),
-    }
 }
 
 // ------------------------------------------------------------------------------------------------ AML
@@ -331,19 +278,12 @@ pub fn dsdt_aml() -> Vec<u8> {
 
 // ------------------------------------------------------------------------------------------ the manager
 
-/// Where a device is in its lifecycle.
+/// Where a device is in its hotplug lifecycle.
 enum State {
     /// On the bus, attached to the guest-RAM domain.
-    Plugged {
-        slot: PciSlot,
-        pci: Arc<Mutex<VfioPciDevice>>,
-    },
+    Plugged,
     /// The guest was asked to eject it.
-    Unplugging {
-        slot: PciSlot,
-        pci: Arc<Mutex<VfioPciDevice>>,
-        since: Instant,
-    },
+    Unplugging { since: Instant },
     /// Off the bus, in the blocked domain, fds open.
     Parked,
     /// Parking failed (the message says why); it stays off the bus.
@@ -353,7 +293,7 @@ enum State {
 impl State {
     fn name(&self) -> &'static str {
         match self {
-            State::Plugged { .. } => "plugged",
+            State::Plugged => "plugged",
             State::Unplugging { .. } => "unplugging",
             State::Parked => "parked",
             State::Failed(_) => "failed",
@@ -363,11 +303,7 @@ impl State {
 
 struct Entry {
     id: String,
-    bdf: String,
-    sysfs: PathBuf,
-    host_group: u32,
-    dev: DeviceId,
-    group: GroupId,
+    device: PassthroughDevice,
     state: State,
     plugs: u64,
 }
@@ -424,19 +360,12 @@ impl Drop for Scratch {
     }
 }
 
-/// The hotplug manager: every passthrough device of the VM, the IOMMU component they go through, and
-/// the controller that talks to the guest. It is the [`Backend`] of the control API.
+/// The hotplug manager: with an API socket it owns every passthrough device of the VM (the `--device`
+/// ones too), each through [`Passthrough`], and the controller that tells the guest about them. It is
+/// the [`Backend`] of the control API.
 pub struct Hotplug {
-    core: Arc<IommuCore>,
-    vfio: Arc<VfioIommu>,
-    inst: InstanceId,
-    domain: Option<PagingDomain>,
-    bus: Arc<PciBus>,
-    router: Arc<GsiRouter>,
-    slots: Arc<KvmBarSlots>,
+    pt: Passthrough,
     controller: Arc<PciHotplugController>,
-    memory: GuestMemory,
-    ram: u64,
     devices: Vec<Entry>,
     next_id: u32,
     scratch: Option<Scratch>,
@@ -463,61 +392,25 @@ pub fn process_counters() -> (usize, u64) {
     (fds, rss)
 }
 
-fn vfio_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .filter(|t| {
-                    let t = t.to_string_lossy();
-                    t.starts_with("/dev/vfio/") || t.contains("vfio-device")
-                })
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 impl Hotplug {
-    /// Sets up hotplug for `vm` (the controller on its ports, the GED interrupt, the component with a
-    /// guest-RAM domain) and plugs the `--device` devices that passed the preflight (before the guest
-    /// runs: it finds them when it scans the bus). Write [`dsdt_aml`] into the DSDT as well.
+    /// Sets up hotplug for `vm` (the controller on its ports, the GED interrupt, the passthrough set-up
+    /// with its guest-RAM domain) and plugs the `--device` devices that passed the preflight (before the
+    /// guest runs: it finds them when it scans the bus). Write [`dsdt_aml`] into the DSDT as well.
     pub fn new(vm: &Vm, checked: &[CheckedDevice]) -> Result<Self, Error> {
         let os = |what| move |source| Error::Os { what, source };
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os("eventfd"))?;
         vm.gsi_router().register_legacy_irqfd(&irq, GED_IRQ)?;
         let ejected = EventFd::new(libc::EFD_NONBLOCK).map_err(os("eventfd"))?;
         let ejected_fd = ejected.as_raw_fd();
-        let bus = vm.devices().pci().clone();
         let controller = Arc::new(PciHotplugController::new(
-            bus.clone(),
+            vm.devices().pci().clone(),
             irq.try_clone().map_err(os("eventfd"))?,
             ejected,
         ));
         vm.devices().set_hotplug(HOTPLUG_PORT, controller.clone());
-        let core = Arc::new(IommuCore::new());
-        let vfio = Arc::new(VfioIommu::new());
-        let inst = core
-            .register(vfio.clone())
-            .map_err(ierr("vfio", "registering the vfio driver"))?;
-        let domain = core
-            .alloc_paging(inst)
-            .map_err(ierr("guest RAM", "allocating the guest-RAM domain"))?;
-        let runs = passthrough::ram_runs(vm.memory());
-        for &(gpa, host, len) in &runs {
-            core.map(&domain, gpa, host, len, Prot::RW)
-                .map_err(ierr("guest RAM", "mapping guest RAM into the domain"))?;
-        }
         let mut h = Hotplug {
-            core,
-            vfio,
-            inst,
-            domain: Some(domain),
-            bus,
-            router: vm.gsi_router().clone(),
-            slots: Arc::new(KvmBarSlots::new(vm.vm_fd().clone(), vm.next_free_slot())),
+            pt: Passthrough::new(vm)?,
             controller,
-            memory: vm.memory().clone(),
-            ram: runs.iter().map(|r| r.2).sum(),
             devices: Vec::new(),
             next_id: 0,
             scratch: None,
@@ -540,52 +433,32 @@ impl Hotplug {
         let bdf = key.rsplit('/').next().unwrap_or(key);
         self.devices
             .iter()
-            .position(|e| e.id == key || e.bdf == key || e.bdf == bdf)
+            .position(|e| e.id == key || e.device.host.bdf == key || e.device.host.bdf == bdf)
             .ok_or_else(|| Error::UnknownId(key.to_string()))
     }
 
-    fn domain(&self) -> Result<&PagingDomain, Error> {
-        self.domain.as_ref().ok_or(Error::Spec(
-            "the VM is shutting down; no more hotplug".into(),
-        ))
-    }
-
-    /// Builds the PCI device, plugs it on the bus and (when `notify`) tells the guest.
-    fn put_on_bus(&mut self, idx: usize, vdev: Arc<VfioDevice>, notify: bool) -> Result<(), Error> {
-        let (bdf, name) = {
-            let e = &self.devices[idx];
-            (e.bdf.clone(), format!("vfio {}", e.bdf))
-        };
-        let router: Arc<dyn MsiRouting> = self.router.clone();
-        let pci = VfioPciDevice::new(name, vdev, router, self.slots.clone()).map_err(|source| {
-            Error::Device {
-                device: bdf.clone(),
-                source,
+    /// Plugs entry `idx` (new or parked) through [`Passthrough::plug`], hands its slot to the controller
+    /// and (when `notify`) tells the guest. On error the device is off the bus again (parked if it was).
+    fn plug(&mut self, idx: usize, notify: bool) -> Result<(), Error> {
+        let e = &mut self.devices[idx];
+        let slot = self.pt.plug(&mut e.device)?;
+        if let Err(x) = self.controller.manage(slot) {
+            self.pt.take_off_bus(&mut e.device);
+            // A device plugged before goes back to parked; a new one is released by `plug_new`.
+            if e.plugs > 0 {
+                if let Err(p) = self.pt.park(&mut e.device) {
+                    log::error!("hotplug: {}: parking again after a failed plug: {p}", e.id);
+                }
             }
-        })?;
-        let pci = Arc::new(Mutex::new(pci));
-        let slot = self
-            .bus
-            .add_device(None, pci.clone())
-            .map_err(|source| Error::Bus {
-                device: bdf.clone(),
-                source,
-            })?;
-        if let Err(e) = self.controller.manage(slot) {
-            self.bus.remove_device(slot);
-            return Err(e.into());
+            return Err(x.into());
         }
-        self.devices[idx].state = State::Plugged { slot, pci };
-        self.devices[idx].plugs += 1;
+        e.state = State::Plugged;
+        e.plugs += 1;
         if notify {
-            if let Err(e) = self.controller.request_insert(slot) {
-                log::error!("hotplug: {bdf}: {e}");
+            if let Err(x) = self.controller.request_insert(slot) {
+                log::error!("hotplug: {}: {x}", e.device.name);
             }
         }
-        log::info!(
-            "hotplug: {} ({bdf}) plugged as guest PCI {slot}",
-            self.devices[idx].id
-        );
         Ok(())
     }
 
@@ -602,134 +475,42 @@ impl Hotplug {
                 )));
             }
         }
-        if let Some(o) = self.devices.iter().find(|e| e.host_group == c.group) {
+        if let Some(o) = self.devices.iter().find(|e| e.device.host.group == c.group) {
             return Err(Error::Spec(format!(
                 "{}: IOMMU group {} already holds {} ({}); devices sharing a group cannot be hotplugged separately",
-                c.bdf, c.group, o.id, o.bdf
+                c.bdf, c.group, o.id, o.device.host.bdf
             )));
         }
-        let groups = 1 + {
-            let mut g: Vec<u32> = self.devices.iter().map(|e| e.host_group).collect();
-            g.sort_unstable();
-            g.dedup();
-            g.len()
-        };
-        passthrough::check_memlock(passthrough::memlock_limit()?, self.ram, groups)?;
-        let bdf = c.bdf.clone();
-        let dev = self
-            .core
-            .probe_device(self.inst, DeviceDesc::new(c.sysfs.display().to_string()))
-            .map_err(ierr(&bdf, "probe"))?;
-        let r = (|| {
-            let group = self.core.group_of(dev).map_err(ierr(&bdf, "group"))?;
-            self.core
-                .claim_dma_owner(group, VMM_OWNER)
-                .map_err(ierr(&bdf, "claiming its group (blocked domain)"))?;
-            let before = self.vfio.stats();
-            self.core
-                .attach(group, VMM_OWNER, Target::Paging(self.domain()?))
-                .map_err(ierr(&bdf, "attaching the guest-RAM domain"))?;
-            let after = self.vfio.stats();
-            log::info!(
-                "hotplug: {bdf}: guest RAM mapped into its container: {} VFIO_IOMMU_MAP_DMA call(s), {} bytes",
-                after.map_calls - before.map_calls,
-                after.map_bytes - before.map_bytes
-            );
-            Ok::<GroupId, Error>(group)
-        })();
-        let group = match r {
-            Ok(g) => g,
-            Err(e) => {
-                if let Err(x) = self.core.release_device(dev) {
-                    log::error!(
-                        "hotplug: {bdf}: releasing after a failed add: {}",
-                        chain(&x)
-                    );
-                }
-                return Err(e);
-            }
-        };
+        // Each group has a container of its own, so the limit must cover guest RAM once more.
+        let groups = 1 + self.devices.len();
+        passthrough::check_memlock(passthrough::memlock_limit()?, self.pt.ram_bytes(), groups)?;
+        let mut next_id = self.next_id;
         let id = id.unwrap_or_else(|| {
-            let mut n = self.next_id;
-            while self.devices.iter().any(|e| e.id == format!("vfio{n}")) {
-                n += 1;
+            while self
+                .devices
+                .iter()
+                .any(|e| e.id == format!("vfio{next_id}"))
+            {
+                next_id += 1;
             }
-            self.next_id = n + 1;
-            format!("vfio{n}")
+            next_id += 1;
+            format!("vfio{}", next_id - 1)
         });
+        let device = self.pt.open(c, format!("{id} ({})", c.bdf))?;
         self.devices.push(Entry {
             id,
-            bdf: bdf.clone(),
-            sysfs: c.sysfs.clone(),
-            host_group: c.group,
-            dev,
-            group,
+            device,
             state: State::Parked,
             plugs: 0,
         });
         let idx = self.devices.len() - 1;
-        let r = match self.vfio.device(dev) {
-            Some(v) => self.put_on_bus(idx, v, notify),
-            None => Err(Error::Iommu {
-                device: bdf.clone(),
-                what: "opening",
-                chain: "the vfio driver has no open device".into(),
-            }),
-        };
-        if let Err(e) = r {
-            let e2 = self.devices.remove(idx);
-            if let Err(x) = self.core.release_device(e2.dev) {
-                log::error!(
-                    "hotplug: {bdf}: releasing after a failed add: {}",
-                    chain(&x)
-                );
-            }
+        if let Err(e) = self.plug(idx, notify) {
+            let entry = self.devices.remove(idx);
+            self.pt.release_device(entry.device);
             return Err(e);
         }
+        self.next_id = next_id;
         Ok(idx)
-    }
-
-    fn replug(&mut self, idx: usize) -> Result<(), Error> {
-        let (bdf, group, dev) = {
-            let e = &self.devices[idx];
-            (e.bdf.clone(), e.group, e.dev)
-        };
-        self.core
-            .plug(group, VMM_OWNER)
-            .map_err(ierr(&bdf, "plugging the parked group"))?;
-        let before = self.vfio.stats();
-        let r = self
-            .domain()
-            .and_then(|d| {
-                self.core
-                    .attach(group, VMM_OWNER, Target::Paging(d))
-                    .map_err(ierr(&bdf, "attaching the guest-RAM domain again"))
-            })
-            .and_then(|()| {
-                let after = self.vfio.stats();
-                log::info!(
-                    "hotplug: {bdf}: guest RAM mapped into its container again: {} VFIO_IOMMU_MAP_DMA call(s), {} bytes",
-                    after.map_calls - before.map_calls,
-                    after.map_bytes - before.map_bytes
-                );
-                self.vfio.device(dev).ok_or_else(|| Error::Iommu {
-                    device: bdf.clone(),
-                    what: "opening",
-                    chain: "the vfio driver has no open device".into(),
-                })
-            })
-            .and_then(|v| self.put_on_bus(idx, v, true));
-        if let Err(e) = r {
-            if let Err(x) = self.core.park(group, VMM_OWNER) {
-                log::error!(
-                    "hotplug: {bdf}: parking again after a failed plug: {}",
-                    chain(&x)
-                );
-            }
-            self.devices[idx].state = State::Parked;
-            return Err(e);
-        }
-        Ok(())
     }
 
     /// add-device: plugs a new device, or a parked one again.
@@ -748,7 +529,7 @@ impl Hotplug {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
         };
-        if let Some(idx) = self.devices.iter().position(|e| e.bdf == bdf) {
+        if let Some(idx) = self.devices.iter().position(|e| e.device.host.bdf == bdf) {
             if let Some(id) = &id {
                 if *id != self.devices[idx].id {
                     return Err(Error::Spec(format!(
@@ -759,7 +540,7 @@ impl Hotplug {
             }
             return match self.devices[idx].state {
                 State::Parked => {
-                    self.replug(idx)?;
+                    self.plug(idx, true)?;
                     Ok(self.describe(idx))
                 }
                 ref s => Err(Error::BadState {
@@ -777,9 +558,9 @@ impl Hotplug {
     /// Handles the devices the guest ejected: parks each.
     pub fn process_ejected(&mut self) {
         for ej in self.controller.take_ejected() {
-            let Some(idx) = self.devices.iter().position(|e| match &e.state {
-                State::Plugged { slot, .. } | State::Unplugging { slot, .. } => *slot == ej.slot,
-                _ => false,
+            let Some(idx) = self.devices.iter().position(|e| {
+                matches!(e.state, State::Plugged | State::Unplugging { .. })
+                    && e.device.slot() == Some(ej.slot)
             }) else {
                 log::warn!(
                     "hotplug: the guest ejected slot {} which holds none of our devices",
@@ -792,58 +573,33 @@ impl Hotplug {
         }
     }
 
-    /// The guest let go of the device: the component attaches the blocked domain (the group's container is
-    /// emptied, fds stay open), then the PCI device is shut down (MSI-X off, BAR slots removed, reset,
-    /// GSI routes and irqfds released).
+    /// The guest let go of the device (the controller took it off the bus): park it.
     fn park(&mut self, idx: usize) {
         let e = &mut self.devices[idx];
-        let state = std::mem::replace(&mut e.state, State::Parked);
-        let pci = match state {
-            State::Plugged { pci, .. } => pci,
-            State::Unplugging { pci, since, .. } => {
-                log::info!(
-                    "hotplug: {} ({}): the guest ejected it {:.1} s after the request",
-                    e.id,
-                    e.bdf,
-                    since.elapsed().as_secs_f64()
-                );
-                pci
-            }
-            other => {
-                e.state = other;
-                return;
+        if let State::Unplugging { since } = e.state {
+            log::info!(
+                "hotplug: {}: the guest ejected it {:.1} s after the request",
+                e.device.name,
+                since.elapsed().as_secs_f64()
+            );
+        }
+        e.state = match self.pt.park(&mut e.device) {
+            Ok(()) => State::Parked,
+            Err(x) => {
+                let msg = x.to_string();
+                log::error!("hotplug: {}: parking failed: {msg}", e.device.name);
+                State::Failed(msg)
             }
         };
-        let before = self.vfio.stats();
-        let parked = self.core.park(e.group, VMM_OWNER);
-        pci.lock().unwrap_or_else(|x| x.into_inner()).shutdown();
-        drop(pci);
-        let after = self.vfio.stats();
-        match parked {
-            Ok(()) => log::info!(
-                "hotplug: {} ({}) parked: blocked domain attached ({} VFIO_IOMMU_UNMAP_DMA call(s), {} bytes: its container is empty), device fd kept open; BAR slots in use {}, MSI GSIs in use {}",
-                e.id,
-                e.bdf,
-                after.unmap_calls - before.unmap_calls,
-                after.unmap_bytes - before.unmap_bytes,
-                self.slots.in_use(),
-                self.router.msi_count()
-            ),
-            Err(x) => {
-                let msg = chain(&x);
-                log::error!("hotplug: {} ({}): parking failed: {msg}", e.id, e.bdf);
-                e.state = State::Failed(msg);
-            }
-        }
     }
 
     /// remove-device: asks the guest to eject, waits up to `timeout` for it, and parks the device.
     pub fn remove(&mut self, key: &str, timeout: Duration) -> Result<Value, Error> {
         let idx = self.find(key)?;
         let e = &mut self.devices[idx];
-        let slot = match &e.state {
-            State::Plugged { slot, .. } | State::Unplugging { slot, .. } => *slot,
-            s => {
+        let slot = match (&e.state, e.device.slot()) {
+            (State::Plugged | State::Unplugging { .. }, Some(slot)) => slot,
+            (s, _) => {
                 return Err(Error::BadState {
                     id: e.id.clone(),
                     state: s.name(),
@@ -851,10 +607,8 @@ impl Hotplug {
                 })
             }
         };
-        if let State::Plugged { slot, pci } = std::mem::replace(&mut e.state, State::Parked) {
+        if let State::Plugged = e.state {
             e.state = State::Unplugging {
-                slot,
-                pci,
                 since: Instant::now(),
             };
         }
@@ -901,24 +655,24 @@ impl Hotplug {
 
     fn describe(&self, idx: usize) -> Value {
         let e = &self.devices[idx];
-        let status = self.core.device_status(e.dev).ok();
+        let status = self.pt.status(&e.device);
         let mut v = json!({
             "id": e.id,
-            "bdf": e.bdf,
-            "path": e.sysfs.display().to_string(),
-            "host_group": e.host_group,
+            "bdf": e.device.host.bdf,
+            "path": e.device.host.sysfs.display().to_string(),
+            "host_group": e.device.host.group,
             "state": e.state.name(),
             "times_plugged": e.plugs,
             "dma_owner": status.as_ref().map(|s| format!("{:?}", s.owner)),
             "domain": status.as_ref().and_then(|s| s.domain).map(|d| d.dtype.to_string()),
-            "device_fd_open": self.vfio.device(e.dev).is_some(),
+            "device_fd_open": self.pt.vfio_device(&e.device).is_some(),
         });
-        match &e.state {
-            State::Plugged { slot, .. } | State::Unplugging { slot, .. } => {
+        match (&e.state, e.device.slot()) {
+            (State::Plugged | State::Unplugging { .. }, Some(slot)) => {
                 v["guest_bdf"] = json!(slot.to_string());
             }
-            State::Failed(m) => v["error"] = json!(m),
-            State::Parked => {}
+            (State::Failed(m), _) => v["error"] = json!(m),
+            _ => {}
         }
         v
     }
@@ -930,12 +684,13 @@ impl Hotplug {
 
     /// info: counters that show what the VM holds.
     pub fn info(&self) -> Value {
-        let s = self.vfio.stats();
+        let vfio = self.pt.vfio();
+        let s = vfio.stats();
         let (fds, rss) = process_counters();
         let (up, down, managed) = self.controller.pending();
         let count = |n: &str| self.devices.iter().filter(|e| e.state.name() == n).count();
         json!({
-            "memory_bytes": self.ram,
+            "memory_bytes": self.pt.ram_bytes(),
             "devices": {
                 "plugged": count("plugged"),
                 "unplugging": count("unplugging"),
@@ -945,7 +700,7 @@ impl Hotplug {
             "process": {
                 "pid": std::process::id(),
                 "open_fds": fds,
-                "vfio_fds": vfio_fds(),
+                "vfio_fds": passthrough::open_vfio_fds(),
                 "rss_kib": rss,
             },
             "vfio": {
@@ -955,11 +710,11 @@ impl Hotplug {
                 "unmap_bytes": s.unmap_bytes,
                 "live_mappings": s.map_calls.saturating_sub(s.unmap_calls),
                 "live_mapped_bytes": s.map_bytes.saturating_sub(s.unmap_bytes),
-                "open_containers": self.vfio.open_containers(),
+                "open_containers": vfio.open_containers(),
             },
             "kvm": {
-                "bar_slots": self.slots.in_use(),
-                "msi_gsis": self.router.msi_count(),
+                "bar_slots": self.pt.bar_slots_in_use(),
+                "msi_gsis": self.pt.msi_gsis_in_use(),
             },
             "hotplug": {
                 "pending_insert": format!("{up:#x}"),
@@ -971,45 +726,40 @@ impl Hotplug {
 
     /// Maps the scratch buffer at [`DMA_TEST_IOVA`] in the guest-RAM domain (once).
     fn scratch(&mut self) -> Result<&Scratch, Error> {
-        if self.scratch.is_none() {
-            if passthrough::ram_runs(&self.memory)
-                .iter()
-                .any(|&(gpa, _, len)| gpa < DMA_TEST_IOVA + 8192 && DMA_TEST_IOVA < gpa + len)
-            {
-                return Err(Error::Spec(format!(
-                    "guest RAM covers the test IOVA {DMA_TEST_IOVA:#x}"
-                )));
-            }
-            let s = Scratch::new(8192).map_err(|source| Error::Os {
-                what: "mmap of the DMA test buffer",
-                source,
-            })?;
-            self.core
-                .map(self.domain()?, DMA_TEST_IOVA, s.ptr as u64, 8192, Prot::RW)
-                .map_err(ierr("dma-test", "mapping the test buffer"))?;
-            log::info!(
-                "hotplug: dma-test buffer (8 KiB) mapped at IOVA {DMA_TEST_IOVA:#x} in the guest-RAM domain"
-            );
-            self.scratch = Some(s);
+        if let Some(ref s) = self.scratch {
+            return Ok(s);
         }
-        self.scratch
-            .as_ref()
-            .ok_or(Error::Spec("no scratch".into()))
+        if passthrough::ram_runs(self.pt.memory())
+            .iter()
+            .any(|&(gpa, _, len)| gpa < DMA_TEST_IOVA + 8192 && DMA_TEST_IOVA < gpa + len)
+        {
+            return Err(Error::Spec(format!(
+                "guest RAM covers the test IOVA {DMA_TEST_IOVA:#x}"
+            )));
+        }
+        let s = Scratch::new(8192).map_err(|source| Error::Os {
+            what: "mmap of the DMA test buffer",
+            source,
+        })?;
+        self.pt
+            .map_into_domain(DMA_TEST_IOVA, s.ptr as u64, 8192, "the dma-test buffer")?;
+        log::info!(
+            "hotplug: dma-test buffer (8 KiB) mapped at IOVA {DMA_TEST_IOVA:#x} in the guest-RAM domain"
+        );
+        Ok(self.scratch.insert(s))
     }
 
     /// dma-test: see the module documentation.
     pub fn dma_test(&mut self, key: &str, force: bool) -> Result<Value, Error> {
         let idx = self.find(key)?;
-        let (id, dev, state) = {
-            let e = &self.devices[idx];
-            (e.id.clone(), e.dev, e.state.name())
-        };
+        let e = &self.devices[idx];
+        let (id, state) = (e.id.clone(), e.state.name());
         let derr = |why: String| Error::DmaTest {
             id: id.clone(),
             why,
         };
-        match &self.devices[idx].state {
-            State::Plugged { pci, .. } => {
+        match (&e.state, e.device.pci()) {
+            (State::Plugged, Some(pci)) => {
                 let cmd = pci
                     .lock()
                     .unwrap_or_else(|x| x.into_inner())
@@ -1018,8 +768,8 @@ impl Hotplug {
                     return Err(derr("the guest has bus mastering on (its driver may be using the NIC); unbind the driver in the guest, or pass force".into()));
                 }
             }
-            State::Parked => {}
-            s => {
+            (State::Parked, _) => {}
+            (s, _) => {
                 return Err(Error::BadState {
                     id: id.clone(),
                     state: s.name(),
@@ -1028,18 +778,16 @@ impl Hotplug {
             }
         }
         let vdev = self
-            .vfio
-            .device(dev)
+            .pt
+            .vfio_device(&e.device)
             .ok_or_else(|| derr("the device fd is not open".into()))?;
         let domain_type = self
-            .core
-            .device_status(dev)
-            .ok()
+            .pt
+            .status(&e.device)
             .and_then(|s| s.domain)
             .map(|d| d.dtype.to_string());
         let scratch = self.scratch()?;
-        let r = nic_tx_test(&vdev, scratch, DMA_TEST_IOVA).map_err(derr)?;
-        let mut v = r;
+        let mut v = nic_tx_test(&vdev, scratch, DMA_TEST_IOVA).map_err(derr)?;
         v["id"] = json!(id);
         v["device_state"] = json!(state);
         v["domain"] = json!(domain_type);
@@ -1056,39 +804,11 @@ impl Hotplug {
         }
         self.released = true;
         for e in self.devices.drain(..).rev() {
-            match e.state {
-                State::Plugged { slot, pci } | State::Unplugging { slot, pci, .. } => {
-                    self.bus.remove_device(slot);
-                    pci.lock().unwrap_or_else(|x| x.into_inner()).shutdown();
-                }
-                State::Parked | State::Failed(_) => {}
-            }
-            match self.core.release_device(e.dev) {
-                Ok(()) => log::info!(
-                    "hotplug: {} ({}) released (release domain, then fds closed)",
-                    e.id,
-                    e.bdf
-                ),
-                Err(x) => log::error!("hotplug: releasing {}: {}", e.bdf, chain(&x)),
-            }
+            self.pt.release_device(e.device);
         }
-        if let Some(d) = self.domain.take() {
-            if let Err(e) = self.core.free(d) {
-                log::error!("hotplug: the guest-RAM domain could not be freed: {e:?}");
-            }
-        }
+        self.pt.release();
+        // Only now: no container maps the buffer any more.
         self.scratch = None;
-        let s = self.vfio.stats();
-        log::info!(
-            "hotplug: released; VFIO totals: {} map call(s) / {} bytes, {} unmap call(s) / {} bytes; {} container(s), {} BAR slot(s) and {} VFIO fd(s) left",
-            s.map_calls,
-            s.map_bytes,
-            s.unmap_calls,
-            s.unmap_bytes,
-            self.vfio.open_containers(),
-            self.slots.in_use(),
-            vfio_fds()
-        );
     }
 }
 

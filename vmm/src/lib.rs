@@ -153,14 +153,7 @@ pub fn run(args: cli::RunArgs) -> Result<ExitCode, Error> {
     };
     let passthrough = match checked.is_empty() || hotplug.is_some() {
         true => None,
-        false => Some(passthrough::attach(
-            &checked,
-            vm.memory(),
-            vm.vm_fd().clone(),
-            vm.next_free_slot(),
-            vm.devices().pci().clone(),
-            vm.gsi_router().clone(),
-        )?),
+        false => Some(passthrough::attach(&checked, &vm)?),
     };
     let boot = boot::load_linux(
         vm.memory(),

@@ -1,5 +1,8 @@
 //! Passthrough of host PCI devices (`--device path=/sys/bus/pci/devices/<BDF>`): the checks made before
-//! anything is opened (preflight), and the wiring of each device into the VM.
+//! anything is opened (preflight), and each device's lifecycle in the VM ([`Passthrough`]: open, plug,
+//! park, release, through the IOMMU component). The code that decides *when* is elsewhere: [`attach`]
+//! for `--device` without an API socket, `crate::hotplug` with one. This module never talks to the
+//! guest about hotplug and keeps no device list of its own (its callers do).
 //!
 //! The preflight only reads sysfs and the process's limits: when it fails, nothing has been opened,
 //! bound or mapped, so there is nothing to undo. Each failure says what is wrong and prints the
@@ -333,9 +336,17 @@ impl fmt::Display for CheckedDevice {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Wiring: each checked device is probed into the IOMMU component's `vfio` instance, its group claimed for
-// the guest (the blocked domain: the device is opened, its container empty), guest RAM mapped IOVA=GPA in
-// a paging domain that every group is then attached to, and the device put on the PCI bus.
+// The lifecycle of a device, through the IOMMU component's `vfio` instance:
+//
+//   open: probe, claim its group for the guest (blocked domain: the device fd is open, its container empty)
+//   plug: attach the guest-RAM paging domain (the driver replays its mappings into the group's container),
+//         build the passthrough PCI device, put it on the bus
+//   park: attach the blocked domain (container emptied, device fd kept open), stop the PCI device
+//   plug again: the group is plugged again in the component, then as above
+//   release: off the bus, stop the PCI device, release through the component (release domain, fds closed)
+//
+// [`Passthrough`] does these steps; [`BootDevices`] uses them for `--device` without an API socket, and
+// `crate::hotplug` adds the guest's hotplug handshake and the control API on top.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -343,19 +354,23 @@ use std::sync::{Arc, Mutex};
 use devices::pci::{MsiRouting, PciBus, PciSlot};
 use devices::vfio_pci::{BarMapper, VfioPciDevice, VfioPciError};
 use iommu::core::{
-    CoreError, DeviceDesc, DeviceId, GroupId, IommuCore, OwnerId, PagingDomain, Prot, Target,
+    CoreError, DeviceDesc, DeviceId, DeviceStatus, GroupId, InstanceId, IommuCore, OwnerId,
+    PagingDomain, Prot, Target,
 };
 use iommu::vfio::VfioIommu;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use vfio_ioctls::VfioDevice;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::interrupts::GsiRouter;
 use crate::memory::GuestMemory;
+use crate::vm::Vm;
 
 /// The owner id the VMM claims groups with.
 const VMM_OWNER: OwnerId = OwnerId(1);
 
-/// Errors of attaching passthrough devices.
+/// Errors of the passthrough lifecycle (open, plug, park). Each names the device and the step.
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     /// The IOMMU component refused or its vfio driver failed.
@@ -387,9 +402,20 @@ pub enum AttachError {
         #[source]
         source: devices::pci::PciBusError,
     },
+    /// The guest-RAM domain is gone: the VM is ending.
+    #[error("passthrough of {device}: the VM is shutting down; no device can be plugged any more")]
+    ShuttingDown {
+        /// The device.
+        device: String,
+    },
 }
 
-/// The causes below a core error, as ": a: b" (the core's own message names only the step).
+/// A core error with the causes below it, as "error: a: b" (the core's own message names only the step).
+pub fn error_chain(e: &CoreError) -> String {
+    format!("{e}{}", source_chain(e))
+}
+
+/// The causes below a core error, as ": a: b".
 fn source_chain(e: &CoreError) -> String {
     let mut s = String::new();
     let mut cur = std::error::Error::source(e);
@@ -398,6 +424,14 @@ fn source_chain(e: &CoreError) -> String {
         cur = c.source();
     }
     s
+}
+
+fn ierr<'a>(device: &'a str, what: &'static str) -> impl FnOnce(CoreError) -> AttachError + 'a {
+    move |source| AttachError::Iommu {
+        device: device.to_string(),
+        what,
+        source,
+    }
 }
 
 /// KVM memory slots for BAR mappings, numbered from the first slot after guest RAM.
@@ -481,24 +515,49 @@ impl BarMapper for KvmBarSlots {
     }
 }
 
-struct Attached {
-    name: String,
+/// A host device that the VMM holds through the IOMMU component: probed, its group claimed for the
+/// guest. It is on the guest's PCI bus after [`Passthrough::plug`], off it (reaching no memory) before
+/// and after [`Passthrough::park`]. Give it back with [`Passthrough::release_device`].
+pub struct PassthroughDevice {
+    /// How the log names it: its BDF, or `<id> (<BDF>)` under the hotplug manager.
+    pub name: String,
+    /// What the preflight found (BDF, sysfs path, host IOMMU group).
+    pub host: CheckedDevice,
     dev: DeviceId,
-    slot: Option<PciSlot>,
-    pci: Option<Arc<Mutex<VfioPciDevice>>>,
+    group: GroupId,
+    parked: bool,
+    on_bus: Option<(PciSlot, Arc<Mutex<VfioPciDevice>>)>,
 }
 
-/// The passthrough devices of a VM. [`Passthrough::release`] (or drop) gives them back.
+impl PassthroughDevice {
+    /// The guest PCI slot, while the device is on the bus (or the guest is ejecting it).
+    pub fn slot(&self) -> Option<PciSlot> {
+        self.on_bus.as_ref().map(|(s, _)| *s)
+    }
+
+    /// The passthrough PCI device, while it is on the bus.
+    pub fn pci(&self) -> Option<&Arc<Mutex<VfioPciDevice>>> {
+        self.on_bus.as_ref().map(|(_, p)| p)
+    }
+}
+
+/// The passthrough set-up of a VM: the IOMMU component with its `vfio` instance, the guest-RAM paging
+/// domain (IOVA = GPA, mapped once; the driver replays it into each group's container on attach), the PCI
+/// bus, MSI routing and the KVM slots for BARs. It does each step of a device's lifecycle (see the
+/// section comment above); it does not decide when (that is [`BootDevices`] or `crate::hotplug`).
+///
+/// [`Passthrough::release`] (or drop) frees the domain: release every device first.
 pub struct Passthrough {
     core: Arc<IommuCore>,
     vfio: Arc<VfioIommu>,
+    inst: InstanceId,
     domain: Option<PagingDomain>,
-    groups: Vec<GroupId>,
-    devices: Vec<Attached>,
     bus: Arc<PciBus>,
+    router: Arc<GsiRouter>,
     slots: Arc<KvmBarSlots>,
     /// Guest RAM stays mapped in this process while the domain maps it.
-    _memory: GuestMemory,
+    memory: GuestMemory,
+    runs: Vec<(u64, u64, u64)>,
     released: bool,
 }
 
@@ -516,149 +575,285 @@ pub fn ram_runs(mem: &GuestMemory) -> Vec<(u64, u64, u64)> {
     runs
 }
 
-/// Attaches every checked device to the VM: component first (claim, map, attach), then the PCI device.
-pub fn attach(
-    checked: &[CheckedDevice],
-    memory: &GuestMemory,
-    vm: Arc<VmFd>,
-    first_free_slot: u32,
-    bus: Arc<PciBus>,
-    router: Arc<dyn MsiRouting>,
-) -> Result<Passthrough, AttachError> {
-    let core = Arc::new(IommuCore::new());
-    let vfio = Arc::new(VfioIommu::new());
-    let mut pt = Passthrough {
-        core: core.clone(),
-        vfio: vfio.clone(),
-        domain: None,
-        groups: Vec::new(),
-        devices: Vec::new(),
-        bus,
-        slots: Arc::new(KvmBarSlots::new(vm, first_free_slot)),
-        _memory: memory.clone(),
-        released: false,
-    };
-    let ierr = |device: &str, what, source| AttachError::Iommu {
-        device: device.to_string(),
-        what,
-        source,
-    };
-    let inst = core
-        .register(vfio.clone())
-        .map_err(|e| ierr("vfio", "registering the vfio driver", e))?;
-    let mut probed = Vec::new();
-    for d in checked {
-        let path = d.sysfs.display().to_string();
-        let dev = core
-            .probe_device(inst, DeviceDesc::new(path))
-            .map_err(|e| ierr(&d.bdf, "probe", e))?;
-        // Every device probed so far is released by `pt` on error.
-        pt.devices.push(Attached {
-            name: d.bdf.clone(),
-            dev,
-            slot: None,
-            pci: None,
-        });
-        let group = core.group_of(dev).map_err(|e| ierr(&d.bdf, "group", e))?;
-        if !pt.groups.contains(&group) {
-            core.claim_dma_owner(group, VMM_OWNER).map_err(|e| {
-                ierr(
-                    &d.bdf,
-                    "claiming its group for the guest (blocked domain)",
-                    e,
-                )
-            })?;
-            pt.groups.push(group);
+impl Passthrough {
+    /// Registers the component's `vfio` driver and maps guest RAM (IOVA = GPA) into a new paging domain.
+    /// No VFIO call is made until a device's group is attached to it.
+    pub fn new(vm: &Vm) -> Result<Self, AttachError> {
+        let core = Arc::new(IommuCore::new());
+        let vfio = Arc::new(VfioIommu::new());
+        let inst = core
+            .register(vfio.clone())
+            .map_err(ierr("vfio", "registering the vfio driver"))?;
+        let domain = core
+            .alloc_paging(inst)
+            .map_err(ierr("guest RAM", "allocating the guest-RAM domain"))?;
+        let runs = ram_runs(vm.memory());
+        for &(gpa, host, len) in &runs {
+            core.map(&domain, gpa, host, len, Prot::RW)
+                .map_err(ierr("guest RAM", "mapping guest RAM into the domain"))?;
         }
-        probed.push((d, dev));
+        Ok(Passthrough {
+            core,
+            vfio,
+            inst,
+            domain: Some(domain),
+            bus: vm.devices().pci().clone(),
+            router: vm.gsi_router().clone(),
+            slots: Arc::new(KvmBarSlots::new(vm.vm_fd().clone(), vm.next_free_slot())),
+            memory: vm.memory().clone(),
+            runs,
+            released: false,
+        })
     }
-    // Guest RAM, IOVA = GPA.
-    let domain = core
-        .alloc_paging(inst)
-        .map_err(|e| ierr("guest RAM", "allocating a paging domain", e))?;
-    let runs = ram_runs(memory);
-    for &(gpa, host, len) in &runs {
-        core.map(&domain, gpa, host, len, Prot::RW)
-            .map_err(|e| ierr("guest RAM", "mapping guest RAM", e))?;
+
+    /// Bytes of guest RAM in the domain.
+    pub fn ram_bytes(&self) -> u64 {
+        self.runs.iter().map(|r| r.2).sum()
     }
-    pt.domain = Some(domain);
-    let before = vfio.stats();
-    for g in pt.groups.clone() {
-        if let Some(d) = pt.domain.as_ref() {
-            core.attach(g, VMM_OWNER, Target::Paging(d))
-                .map_err(|e| ierr("guest RAM", "attaching the guest-RAM domain", e))?;
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// The VFIO driver of the component (counters, open containers, device fds).
+    pub fn vfio(&self) -> &VfioIommu {
+        &self.vfio
+    }
+
+    /// KVM memory slots in use by BARs.
+    pub fn bar_slots_in_use(&self) -> usize {
+        self.slots.in_use()
+    }
+
+    /// GSIs in use by MSI-X vectors.
+    pub fn msi_gsis_in_use(&self) -> usize {
+        self.router.msi_count()
+    }
+
+    /// What the component says about `d` (owner, domain); `None` once it is released.
+    pub fn status(&self, d: &PassthroughDevice) -> Option<DeviceStatus> {
+        self.core.device_status(d.dev).ok()
+    }
+
+    /// The open VFIO device of `d` (`None` if the driver has none).
+    pub fn vfio_device(&self, d: &PassthroughDevice) -> Option<Arc<VfioDevice>> {
+        self.vfio.device(d.dev)
+    }
+
+    /// Maps `len` bytes at `host_addr` at `iova` into the guest-RAM domain (every attached group sees it).
+    pub fn map_into_domain(
+        &self,
+        iova: u64,
+        host_addr: u64,
+        len: u64,
+        what: &'static str,
+    ) -> Result<(), AttachError> {
+        let domain = self.domain.as_ref().ok_or(AttachError::ShuttingDown {
+            device: what.to_string(),
+        })?;
+        self.core
+            .map(domain, iova, host_addr, len, Prot::RW)
+            .map_err(ierr(what, "mapping into the guest-RAM domain"))
+    }
+
+    /// Probes `host` into the component and claims its group for the guest (the blocked domain: the
+    /// device is opened in an empty container). Nothing is left behind on error.
+    pub fn open(
+        &self,
+        host: &CheckedDevice,
+        name: String,
+    ) -> Result<PassthroughDevice, AttachError> {
+        let dev = self
+            .core
+            .probe_device(self.inst, DeviceDesc::new(host.sysfs.display().to_string()))
+            .map_err(ierr(&host.bdf, "probe"))?;
+        let claimed = self
+            .core
+            .group_of(dev)
+            .map_err(ierr(&host.bdf, "group"))
+            .and_then(|group| {
+                self.core
+                    .claim_dma_owner(group, VMM_OWNER)
+                    .map_err(ierr(
+                        &host.bdf,
+                        "claiming its group for the guest (blocked domain)",
+                    ))
+                    .map(|()| group)
+            });
+        match claimed {
+            Ok(group) => Ok(PassthroughDevice {
+                name,
+                host: host.clone(),
+                dev,
+                group,
+                parked: false,
+                on_bus: None,
+            }),
+            Err(e) => {
+                if let Err(x) = self.core.release_device(dev) {
+                    log::error!(
+                        "passthrough: {}: releasing after a failed open: {}",
+                        host.bdf,
+                        error_chain(&x)
+                    );
+                }
+                Err(e)
+            }
         }
     }
-    let after = vfio.stats();
-    log::info!(
-        "passthrough: guest RAM ({} region(s), {} bytes) DMA-mapped IOVA=GPA: {} VFIO_IOMMU_MAP_DMA call(s), {} bytes, over {} group(s)",
-        runs.len(),
-        runs.iter().map(|r| r.2).sum::<u64>(),
-        after.map_calls - before.map_calls,
-        after.map_bytes - before.map_bytes,
-        pt.groups.len()
-    );
-    // The PCI devices.
-    for (k, (d, dev)) in probed.into_iter().enumerate() {
-        let name = format!("vfio {}", d.bdf);
-        let Some(vdev) = vfio.device(dev) else {
-            return Err(ierr(&d.bdf, "opening", CoreError::UnknownDevice(dev)));
-        };
-        let pci = VfioPciDevice::new(name.clone(), vdev, router.clone(), pt.slots.clone())
+
+    /// Puts an opened or parked device on the guest's bus: a parked group is plugged again in the
+    /// component, the guest-RAM domain is attached (its mappings replayed into the group's container),
+    /// the passthrough PCI device built and added to the bus. On error a parked device is parked again;
+    /// a device that was never plugged stays claimed (release it).
+    pub fn plug(&self, d: &mut PassthroughDevice) -> Result<PciSlot, AttachError> {
+        let again = d.parked;
+        if again {
+            self.core
+                .plug(d.group, VMM_OWNER)
+                .map_err(ierr(&d.name, "plugging the parked group"))?;
+            d.parked = false;
+        }
+        let r = self
+            .attach_guest_ram(d, again)
+            .and_then(|()| self.put_on_bus(d));
+        if r.is_err() && again {
+            if let Err(x) = self.core.park(d.group, VMM_OWNER) {
+                log::error!(
+                    "passthrough: {}: parking again after a failed plug: {}",
+                    d.name,
+                    error_chain(&x)
+                );
+            }
+            d.parked = true;
+        }
+        r
+    }
+
+    fn attach_guest_ram(&self, d: &PassthroughDevice, again: bool) -> Result<(), AttachError> {
+        let domain = self.domain.as_ref().ok_or(AttachError::ShuttingDown {
+            device: d.name.clone(),
+        })?;
+        // Another device of the same group (several --device of one group) attached it already.
+        let attached = self.core.group_domain(d.group).ok().flatten().map(|i| i.id);
+        if attached == Some(domain.id()) {
+            return Ok(());
+        }
+        let before = self.vfio.stats();
+        self.core
+            .attach(d.group, VMM_OWNER, Target::Paging(domain))
+            .map_err(ierr(&d.name, "attaching the guest-RAM domain"))?;
+        let after = self.vfio.stats();
+        let (calls, bytes) = (
+            after.map_calls - before.map_calls,
+            after.map_bytes - before.map_bytes,
+        );
+        if again {
+            log::info!(
+                "passthrough: {}: guest RAM mapped into its container again: {calls} VFIO_IOMMU_MAP_DMA call(s), {bytes} bytes",
+                d.name
+            );
+        } else {
+            log::info!(
+                "passthrough: {}: guest RAM ({} region(s), {} bytes) DMA-mapped IOVA=GPA: {calls} VFIO_IOMMU_MAP_DMA call(s), {bytes} bytes, into the container of host group {}",
+                d.name,
+                self.runs.len(),
+                self.ram_bytes(),
+                d.host.group
+            );
+        }
+        Ok(())
+    }
+
+    fn put_on_bus(&self, d: &mut PassthroughDevice) -> Result<PciSlot, AttachError> {
+        let bdf = &d.host.bdf;
+        let vdev = self
+            .vfio
+            .device(d.dev)
+            .ok_or(CoreError::UnknownDevice(d.dev))
+            .map_err(ierr(bdf, "opening"))?;
+        let router: Arc<dyn MsiRouting> = self.router.clone();
+        let pci = VfioPciDevice::new(format!("vfio {bdf}"), vdev, router, self.slots.clone())
             .map_err(|source| AttachError::Device {
-                device: d.bdf.clone(),
+                device: bdf.clone(),
                 source,
             })?;
         let pci = Arc::new(Mutex::new(pci));
-        pt.devices[k].pci = Some(pci.clone());
-        let slot = pt
+        let slot = self
             .bus
-            .add_device(None, pci)
+            .add_device(None, pci.clone())
             .map_err(|source| AttachError::Bus {
-                device: d.bdf.clone(),
+                device: bdf.clone(),
                 source,
             })?;
-        pt.devices[k].slot = Some(slot);
-        if let Some(ps) = vfio.host_page_sizes(dev) {
-            log::info!(
-                "passthrough: {} (host group {}) is guest PCI {slot}; host IOMMU page sizes {ps:#x}",
-                d.bdf,
-                d.group
-            );
+        let sizes = self
+            .vfio
+            .host_page_sizes(d.dev)
+            .map(|ps| format!("{ps:#x}"))
+            .unwrap_or_else(|| "unknown".into());
+        log::info!(
+            "passthrough: {} plugged as guest PCI {slot} (host group {}, host IOMMU page sizes {sizes})",
+            d.name,
+            d.host.group
+        );
+        d.on_bus = Some((slot, pci));
+        Ok(slot)
+    }
+
+    /// Takes `d` off the bus (if it is on it) and stops its PCI device (MSI-X off, BAR slots removed,
+    /// reset, GSIs released). Its DMA is untouched: park or release it next.
+    pub fn take_off_bus(&self, d: &mut PassthroughDevice) {
+        if let Some((slot, pci)) = d.on_bus.take() {
+            self.bus.remove_device(slot);
+            pci.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
         }
     }
-    Ok(pt)
-}
 
-impl Passthrough {
-    /// The component (for diagnostics).
-    pub fn core(&self) -> &Arc<IommuCore> {
-        &self.core
+    /// Parks a device that the guest let go of (it must be off the bus already: the hotplug controller
+    /// takes it off when the guest ejects it): the component attaches the blocked domain (its container
+    /// emptied, the device fd kept open), then the PCI device is stopped. A parked device reaches no
+    /// memory; [`plug`](Self::plug) puts it back.
+    pub fn park(&self, d: &mut PassthroughDevice) -> Result<(), AttachError> {
+        let before = self.vfio.stats();
+        let parked = self.core.park(d.group, VMM_OWNER);
+        if let Some((_, pci)) = d.on_bus.take() {
+            pci.lock().unwrap_or_else(|x| x.into_inner()).shutdown();
+        }
+        let after = self.vfio.stats();
+        parked.map_err(ierr(&d.name, "parking (blocked domain)"))?;
+        d.parked = true;
+        log::info!(
+            "passthrough: {} parked: blocked domain attached ({} VFIO_IOMMU_UNMAP_DMA call(s), {} bytes: its container is empty), device fd kept open; BAR slots in use {}, MSI GSIs in use {}",
+            d.name,
+            after.unmap_calls - before.unmap_calls,
+            after.unmap_bytes - before.unmap_bytes,
+            self.slots.in_use(),
+            self.router.msi_count()
+        );
+        Ok(())
     }
 
-    /// Stops every device and releases it through the component: the PCI device is removed from the bus
-    /// and reset, the release domain (blocked: its container emptied) is attached, the driver closes the
-    /// device fd and the container; the guest-RAM domain is freed. Idempotent.
+    /// Gives `d` back: off the bus and stopped, then released through the component (the release domain,
+    /// blocked, is attached; then the driver closes the device fd and the container).
+    pub fn release_device(&self, mut d: PassthroughDevice) {
+        self.take_off_bus(&mut d);
+        match self.core.release_device(d.dev) {
+            Ok(()) => log::info!(
+                "passthrough: {} released (release domain, then fds closed)",
+                d.name
+            ),
+            Err(e) => log::error!("passthrough: releasing {}: {}", d.name, error_chain(&e)),
+        }
+    }
+
+    /// Frees the guest-RAM domain (release every device first) and logs what VFIO did in total and what
+    /// is left. Idempotent; also run on drop.
     pub fn release(&mut self) {
         if self.released {
             return;
         }
         self.released = true;
-        for a in self.devices.drain(..).rev() {
-            if let Some(slot) = a.slot {
-                self.bus.remove_device(slot);
-            }
-            if let Some(pci) = a.pci {
-                pci.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
-            }
-            match self.core.release_device(a.dev) {
-                Ok(()) => log::info!(
-                    "passthrough: {} released (release domain, then fds closed)",
-                    a.name
-                ),
-                Err(e) => log::error!("passthrough: releasing {}: {e}{}", a.name, source_chain(&e)),
-            }
-        }
         if let Some(d) = self.domain.take() {
             if let Err(e) = self.core.free(d) {
                 log::error!("passthrough: the guest-RAM domain could not be freed: {e:?}");
@@ -678,6 +873,44 @@ impl Passthrough {
     }
 }
 
+impl Drop for Passthrough {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// The `--device` devices of a VM that runs without an API socket: plugged before the guest runs,
+/// released (in reverse order) when dropped, after the vCPUs stopped.
+pub struct BootDevices {
+    pt: Passthrough,
+    devices: Vec<PassthroughDevice>,
+}
+
+/// Opens and plugs every checked device (see [`Passthrough`]).
+pub fn attach(checked: &[CheckedDevice], vm: &Vm) -> Result<BootDevices, AttachError> {
+    let mut boot = BootDevices {
+        pt: Passthrough::new(vm)?,
+        devices: Vec::new(),
+    };
+    for c in checked {
+        let mut d = boot.pt.open(c, c.bdf.clone())?;
+        let plugged = boot.pt.plug(&mut d);
+        // Released by `boot` on error as well.
+        boot.devices.push(d);
+        plugged?;
+    }
+    Ok(boot)
+}
+
+impl Drop for BootDevices {
+    fn drop(&mut self) {
+        for d in self.devices.drain(..).rev() {
+            self.pt.release_device(d);
+        }
+        self.pt.release();
+    }
+}
+
 /// Number of this process's open fds on /dev/vfio/* or VFIO device files.
 pub fn open_vfio_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
@@ -691,12 +924,6 @@ pub fn open_vfio_fds() -> usize {
                 .count()
         })
         .unwrap_or(0)
-}
-
-impl Drop for Passthrough {
-    fn drop(&mut self) {
-        self.release();
-    }
 }
 
 #[cfg(test)]
