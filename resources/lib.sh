@@ -20,9 +20,11 @@ RES_MODULES=${RES_MODULES:-"vfio-pci vfio_iommu_type1 igb e1000e kvm-amd"}
 RES_APT_MAX_AGE_DAYS=${RES_APT_MAX_AGE_DAYS:-3}
 
 res_host_packages() {
-  # qemu-system-x86 (7.2) brings the shared libraries that the extracted QEMU 10 needs (and ipxe roms);
-  # kmod: depmod; cpio/gzip: images; xz-utils: module decompression; debian-archive-keyring: apt signatures.
-  ensure_debs qemu-system-x86 kmod cpio xz-utils gzip debian-archive-keyring ca-certificates
+  # kmod: depmod; cpio/gzip: images; xz-utils: module decompression; debian-archive-keyring: apt signatures;
+  # ipxe-qemu: the NICs' option ROMs. The shared libraries of the extracted QEMU 10 are installed by
+  # res_qemu from its package's own Depends (bookworm's qemu-system-x86 7.2 is NOT installed: it would
+  # replace a qemu-utils 10 from backports that these machines come with).
+  ensure_debs kmod cpio xz-utils gzip debian-archive-keyring ca-certificates ipxe-qemu
 }
 
 # A private apt state (system sources untouched): bookworm, -updates, -security, -backports.
@@ -114,6 +116,20 @@ res_deb_fetch() {
   echo "$f"
 }
 
+# _res_qemu_libs DEB OUT: the libraries the extracted qemu-system-x86 DEB depends on (its Depends field:
+# first alternative, versions dropped, QEMU's own packages left out; all of them are in bookworm), written
+# to OUT one a line and installed.
+_res_qemu_libs() {
+  dpkg-deb -f "$1" Depends | tr ',' '\n' | sed 's/|.*//; s/(.*)//; s/[[:space:]]//g' \
+    | grep -vE '^(qemu-|seabios|ipxe-qemu|$)' >"$2" || return 1
+  _res_qemu_ensure_libs "$2"
+}
+_res_qemu_ensure_libs() {
+  local -a libs
+  mapfile -t libs <"$1"
+  [ "${#libs[@]}" -eq 0 ] || ensure_debs "${libs[@]}"
+}
+
 # res_qemu: QEMU 10 from bookworm-backports, extracted (not installed) under $IOVMM_CACHE/qemu/<version>.
 res_qemu() {
   res_host_packages
@@ -132,6 +148,7 @@ res_qemu() {
         [ -n "$v" ] || v=$(res_deb_version "$p")
         deb=$(res_deb_fetch "$p" "$v") || return 1
         dpkg-deb -x "$deb" "$BUILD/root" || return 1
+        if [ "$p" = qemu-system-x86 ]; then _res_qemu_libs "$deb" "$BUILD/libs.txt" || return 1; fi
       done
       local missing
       missing=$(ldd "$BUILD/root/usr/bin/qemu-system-x86_64" | awk '/not found/ { print $1 }')
@@ -150,6 +167,8 @@ EOQ
       "$BUILD/qemu" -version >&2 || return 1
     }
     atomic_dir_build "$dest" _res_qemu_build || die "could not prepare QEMU $ver"
+  elif [ -f "$dest/libs.txt" ]; then
+    _res_qemu_ensure_libs "$dest/libs.txt"  # cheap when all are there (dpkg-query only)
   fi
   echo "$dest/qemu"
 }

@@ -38,8 +38,7 @@ ensure_debs() {
   [ "$(id -u)" = 0 ] || die "missing Debian packages ${missing[*]}; install them as root: apt-get install ${missing[*]}"
   msg "installing Debian packages: ${missing[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || die "apt-get update failed"
-  # Say so loudly when the install replaces something (bookworm's qemu-system-x86 removes a backports
-  # qemu-utils, for one): a shared machine's owner should know.
+  # Say so loudly when the install replaces something: a shared machine's owner should know.
   local removed
   removed=$(apt-get install -s --no-install-recommends "${missing[@]}" 2>/dev/null | awk '/^Remv / { print $2 }' | tr '\n' ' ')
   [ -n "$removed" ] && warn "installing ${missing[*]} removes: $removed"
