@@ -27,8 +27,6 @@ const CAP_PM: u8 = 0x01;
 const CAP_MSI: u8 = 0x05;
 const CAP_PCIE: u8 = 0x10;
 const CAP_MSIX: u8 = 0x11;
-/// 64-bit BARs up to this size are shown as 32-bit BARs.
-pub const MAX_BAR_SHOWN_32: u64 = 256 << 20;
 /// Register index of the expansion ROM BAR.
 const ROM_REG: usize = 0x30 / 4;
 
@@ -131,15 +129,8 @@ impl VfioConfig {
             let wide = matches!(kind, BarKind::Mem64 { .. });
             let size = bar_sizes[i];
             if size != 0 {
-                // A small 64-bit BAR is shown as a 32-bit one: the guest then places it below 4 GiB,
-                // where every guest CPU can reach it and KVM accepts memory slots (a 64-bit window may
-                // lie beyond the physical address width of a nested host). The register above it reads 0.
-                let kind = match kind {
-                    BarKind::Mem64 { prefetchable } if size <= MAX_BAR_SHOWN_32 => {
-                        BarKind::Mem32 { prefetchable }
-                    }
-                    k => k,
-                };
+                // Shown with the device's own kind: a 64-bit BAR goes to the 64-bit window, which the
+                // VMM places within the guest CPU's physical address width.
                 let def = PciBarDef { size, kind };
                 if bars.add_bar(i, def) {
                     bar_defs[i] = Some(def);
@@ -500,35 +491,28 @@ mod tests {
     }
 
     #[test]
-    fn small_64_bit_bars_are_shown_as_32_bit() {
+    fn a_64_bit_bar_is_shown_as_64_bit_whatever_its_size() {
         let mut s = igb();
         put(&mut s, 0x1c, &0x0000_0004u32.to_le_bytes()); // BAR3: 64-bit (BAR4 is its upper half)
-        let c = VfioConfig::new(&s, &sizes()).unwrap();
         let hw = Hw(RefCell::new(s), RefCell::new(Vec::new()));
-        assert_eq!(
-            c.read_register(BAR0_REG + 3, &hw) & 0x7,
-            0,
-            "32-bit memory BAR"
-        );
-        assert_eq!(c.read_register(BAR0_REG + 4, &hw), 0);
-        assert!(matches!(
-            c.bar_defs()[3],
-            Some(PciBarDef {
-                kind: BarKind::Mem32 { .. },
-                ..
-            })
-        ));
-        // A large one stays 64-bit.
-        let mut sz = sizes();
-        sz[3] = 1 << 30;
-        let c = VfioConfig::new(&s, &sz).unwrap();
-        assert!(matches!(
-            c.bar_defs()[3],
-            Some(PciBarDef {
-                kind: BarKind::Mem64 { .. },
-                ..
-            })
-        ));
+        for size in [16u64 << 10, 1 << 30] {
+            let mut sz = sizes();
+            sz[3] = size;
+            let c = VfioConfig::new(&s, &sz).unwrap();
+            assert_eq!(
+                c.read_register(BAR0_REG + 3, &hw) & 0x7,
+                0x4,
+                "64-bit memory BAR"
+            );
+            assert!(matches!(
+                c.bar_defs()[3],
+                Some(PciBarDef {
+                    kind: BarKind::Mem64 { .. },
+                    size: got,
+                }) if got == size
+            ));
+            assert_eq!(c.bar_defs()[4], None, "BAR4 is BAR3's upper half");
+        }
     }
 
     #[test]

@@ -256,7 +256,14 @@ impl VfioPciDevice {
                 .bar_defs()
                 .iter()
                 .enumerate()
-                .filter_map(|(i, d)| d.map(|d| (i, d.size)))
+                .filter_map(|(i, d)| d.map(|d| {
+                    let kind = match d.kind {
+                        BarKind::Io => "io",
+                        BarKind::Mem32 { .. } => "mem32",
+                        BarKind::Mem64 { .. } => "mem64",
+                    };
+                    format!("{i}: {:#x} {kind}", d.size)
+                }))
                 .collect::<Vec<_>>(),
             dev.config
                 .shown_capabilities()

@@ -12,6 +12,17 @@ sleep 1
 drv=$(basename "$(readlink "$igb/driver" 2>/dev/null)" 2>/dev/null)
 rig_check "the igb driver binds it (driver: $drv)" test "$drv" = igb || true
 dmesg | grep -iE 'igb|msi' | head -8
+# Where level 3's kernel put the igb's BARs (resource flags: 0x200 memory, 0x100000 64-bit).
+bar=0; unplaced=0; wide=0
+while [ $bar -lt 6 ] && read -r start end flags; do
+  if [ $((flags & 0x200)) != 0 ]; then
+    echo "level 3: igb BAR $bar: $start-$end flags $flags"
+    [ $((start)) = 0 ] && unplaced=$((unplaced + 1))
+    [ $((flags & 0x100000)) != 0 ] && wide=$((wide + 1))
+  fi
+  bar=$((bar + 1))
+done <"$igb/resource"
+rig_check "every memory BAR of the igb has a guest address ($wide of them 64-bit)" test "$unplaced" = 0 || true
 ifc=$(ls "$igb/net" 2>/dev/null | head -n1)
 rig_check "it has a network interface ($ifc)" test -n "$ifc" || true
 ip link set "$ifc" up
