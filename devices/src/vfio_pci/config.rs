@@ -55,6 +55,9 @@ pub enum ConfigError {
         /// PBA BAR.
         pba_bar: u8,
     },
+    /// The MSI-X capability's 12 bytes do not fit in the config header.
+    #[error("the device's MSI-X capability at {0:#x} runs past the 256-byte config header: its config space is malformed; it cannot be passed through")]
+    MsixCapTruncated(usize),
 }
 
 /// What a guest config write changed, for the device to act on.
@@ -177,6 +180,9 @@ impl VfioConfig {
         }
         let has_msi = found.iter().any(|(id, _)| *id == CAP_MSI);
         if let Some(&(_, off)) = found.iter().find(|(id, _)| *id == CAP_MSIX) {
+            if off + 12 > LEGACY_SIZE {
+                return Err(ConfigError::MsixCapTruncated(off));
+            }
             let cap = MsixCap::parse(off, rd32(s, off), rd32(s, off + 4), rd32(s, off + 8));
             let ok = |b: u8| {
                 c.bar_defs
@@ -565,6 +571,19 @@ mod tests {
         // Header type and BIST are the VMM's; cache line size and latency timer pass through.
         c.write_register(3, 0, &[0x10, 0x20, 0x80, 0x40], &hw);
         assert_eq!(c.read_register(3, &hw), 0x0000_2010);
+    }
+
+    #[test]
+    fn a_capability_list_that_runs_off_the_header_is_refused() {
+        let mut s = igb();
+        s[0xa1] = 0xfc; // PCIe -> an MSI-X capability in the last dword
+        put(&mut s, 0xfc, &[CAP_MSIX, 0x00, 0x09, 0x00]);
+        s[0x71] = 0xa0;
+        s[0x70] = 0x09; // the first MSI-X capability becomes a vendor one
+        assert_eq!(
+            VfioConfig::new(&s, &sizes()).err(),
+            Some(ConfigError::MsixCapTruncated(0xfc))
+        );
     }
 
     #[test]
