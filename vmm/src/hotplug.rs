@@ -994,11 +994,3 @@ mod tests {
         assert!(has(&HOTPLUG_PORT.to_le_bytes()));
     }
 }
-#[cfg(test)]
-mod dump {
-    #[test]
-    #[ignore]
-    fn dump_dsdt() {
-        std::fs::write("/tmp/dsdt.aml", crate::acpi::dsdt_with(&super::dsdt_aml())).unwrap();
-    }
-}

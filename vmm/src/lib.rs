@@ -5,7 +5,10 @@
 //! Module map: [`layout`] (the guest address map), [`memory`] (guest RAM), [`boot`] (bzImage, initramfs,
 //! zero page), [`acpi`] (tables), [`vm`] (KVM VM, irqchip, vCPU threads), [`vcpu`] (CPUID, MSRs,
 //! registers, run loop), [`interrupts`] (GSI routes and MSI), [`device_manager`] (ports and addresses to
-//! devices), [`event_loop`] (the main thread), [`cli`].
+//! devices), [`event_loop`] (the main thread), [`passthrough`] (preflight and each passthrough device's
+//! lifecycle through the IOMMU component), [`hotplug`] (ACPI PCI hotplug and the API's backend),
+//! [`api`] (the control socket and its client), [`check_host`] (`vmm check-host`), [`cli`],
+//! [`logging`]. The architecture as a whole: `docs/DESIGN.md`.
 //!
 //! Exit status of `vmm`: 0 when the guest powers off; 2 when it resets (reboot, panic with `panic=-1`,
 //! triple fault: iovmm does not restart guests); 128 + N when stopped by signal N (SIGTERM, SIGINT, SIGHUP:
@@ -38,9 +41,6 @@ pub const EXIT_GUEST_RESET: u8 = 2;
 /// Top-level errors of the VMM.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A capability that this build does not have yet.
-    #[error("{0} is not implemented yet")]
-    NotYet(&'static str),
     /// No kernel given.
     #[error("no guest kernel: pass --kernel PATH (an x86-64 bzImage)")]
     NoKernel,
