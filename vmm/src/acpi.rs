@@ -40,6 +40,8 @@ pub enum Error {
 pub struct AcpiTables {
     /// Number of vCPUs (one local APIC each, APIC id = index).
     pub cpus: u8,
+    /// The 64-bit PCI MMIO window `(start, size)` the host bridge declares ([`crate::vm::Vm::mmio64_window`]).
+    pub mmio64: (u64, u64),
     /// Extra tables (already complete, checksummed) to list in the XSDT.
     pub extra: Vec<Vec<u8>>,
 }
@@ -52,12 +54,12 @@ fn bytes(t: &dyn Aml) -> Vec<u8> {
 
 /// The DSDT: the PCI host bridge (ECAM + 0xCF8, with its windows), COM1, the CMOS RTC, the ECAM
 /// reservation, and `_S5_`.
-pub fn dsdt() -> Vec<u8> {
-    dsdt_with(&[])
+pub fn dsdt(mmio64: (u64, u64)) -> Vec<u8> {
+    dsdt_with(mmio64, &[])
 }
 
 /// The DSDT with `extra` AML appended to its body (e.g. `crate::hotplug::dsdt_aml`).
-pub fn dsdt_with(extra: &[u8]) -> Vec<u8> {
+pub fn dsdt_with(mmio64: (u64, u64), extra: &[u8]) -> Vec<u8> {
     // Each device is built and serialised in one statement: the AML builders borrow their children.
     let mut body = Vec::new();
     aml::Device::new(
@@ -86,8 +88,8 @@ pub fn dsdt_with(extra: &[u8]) -> Vec<u8> {
                     &aml::AddressSpace::new_memory(
                         aml::AddressSpaceCacheable::NotCacheable,
                         true,
-                        MMIO64_START,
-                        MMIO64_START + MMIO64_SIZE - 1,
+                        mmio64.0,
+                        mmio64.0 + mmio64.1 - 1,
                         None,
                     ),
                 ]),
@@ -212,7 +214,7 @@ impl AcpiTables {
             next = end.next_multiple_of(64);
             Ok(at)
         };
-        let dsdt_addr = place(&dsdt_with(dsdt_extra))?;
+        let dsdt_addr = place(&dsdt_with(self.mmio64, dsdt_extra))?;
         let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
         xsdt.add_entry(place(&fadt(dsdt_addr))?);
         xsdt.add_entry(place(&madt(self.cpus))?);
@@ -249,6 +251,7 @@ mod tests {
         let mem = create(64 << 20, Backing::Anonymous { thp: false }).unwrap_or_default();
         let rsdp = AcpiTables {
             cpus: 2,
+            mmio64: (1 << 38, 1 << 38),
             extra: vec![],
         }
         .write(&mem)
@@ -289,7 +292,7 @@ mod tests {
 
     #[test]
     fn dsdt_names_the_host_bridge_and_s5() {
-        let d = dsdt();
+        let d = dsdt((1 << 38, 1 << 38));
         let has = |s: &[u8]| d.windows(s.len()).any(|w| w == s);
         assert!(has(b"PCI0") && has(b"_S5_") && has(b"COM1") && has(b"RTC_") && has(b"_CRS"));
     }

@@ -163,6 +163,7 @@ pub fn run(args: cli::RunArgs) -> Result<ExitCode, Error> {
     )?;
     acpi::AcpiTables {
         cpus,
+        mmio64: vm.mmio64_window(),
         extra: Vec::new(),
     }
     .write_with_dsdt(

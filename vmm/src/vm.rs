@@ -12,6 +12,7 @@ use devices::pci::{BarWindows, HostBridge, PciBus};
 use devices::serial::SerialConsole;
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -54,6 +55,14 @@ pub enum Error {
     /// PCI bus.
     #[error(transparent)]
     Pci(#[from] devices::pci::PciBusError),
+    /// Guest RAM reaches the vCPUs' physical address limit.
+    #[error("guest RAM ends at {ram_end:#x}, which leaves no room for the 64-bit PCI window below the {phys_bits}-bit physical address limit of this host's vCPUs: give the guest less memory (--memory size=...)")]
+    NoRoomForMmio64 {
+        /// The vCPUs' physical address bits (0: not reported, 36 assumed).
+        phys_bits: u8,
+        /// End of guest RAM.
+        ram_end: u64,
+    },
     /// An OS resource (eventfd, thread, signal handler).
     #[error("{what}: {source}")]
     Os {
@@ -82,11 +91,29 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     _serial_irq: Option<EventFd>,
     next_slot: u32,
+    mmio64: (u64, u64),
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 static KICK_HANDLER: Once = Once::new();
+
+/// The vCPUs' physical address width in KVM's supported CPUID (leaf 0x80000008: EAX[7:0], or the
+/// smaller guest width in EAX[23:16] when KVM reports one); 0 when the leaf is missing.
+pub fn phys_bits(supported: &CpuId) -> u8 {
+    supported
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map(|e| {
+            let (phys, guest) = (e.eax as u8, (e.eax >> 16) as u8);
+            match guest {
+                0 => phys,
+                g => g.min(phys),
+            }
+        })
+        .unwrap_or(0)
+}
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
 pub fn kick_signal() -> libc::c_int {
@@ -131,9 +158,27 @@ impl Vm {
                 (Some(SerialConsole::new(dev_irq, w)), Some(irq))
             }
         };
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(k("KVM_GET_SUPPORTED_CPUID"))?;
+        let bits = phys_bits(&supported);
+        let ram_end = memory
+            .iter()
+            .map(|r| r.start_addr().0 + r.len())
+            .max()
+            .unwrap_or(0);
+        let mmio64 = mmio64_window(bits, ram_end).ok_or(Error::NoRoomForMmio64 {
+            phys_bits: bits,
+            ram_end,
+        })?;
+        log::debug!(
+            "64-bit PCI window {:#x}..{:#x} ({bits} physical address bits)",
+            mmio64.0,
+            mmio64.0 + mmio64.1
+        );
         let pci = Arc::new(PciBus::new(BarWindows {
             mmio32: (MMIO32_START, MMIO32_SIZE),
-            mmio64: (MMIO64_START, MMIO64_SIZE),
+            mmio64,
             io: (PCI_IO_START, PCI_IO_SIZE),
         }));
         pci.add_device(Some(0), Arc::new(std::sync::Mutex::new(HostBridge::new())))?;
@@ -155,6 +200,7 @@ impl Vm {
             vcpus,
             _serial_irq: serial_irq,
             next_slot,
+            mmio64,
         })
     }
 
@@ -186,6 +232,11 @@ impl Vm {
     /// The vCPU fds, for set-up before [`Vm::start`] (tests set registers of tiny guests here).
     pub fn vcpus(&self) -> &[VcpuFd] {
         &self.vcpus
+    }
+
+    /// The 64-bit PCI MMIO window `(start, size)` (see [`mmio64_window`]); the DSDT must declare it.
+    pub fn mmio64_window(&self) -> (u64, u64) {
+        self.mmio64
     }
 
     /// KVM's supported CPUID.
