@@ -56,11 +56,6 @@ impl SerialConsole {
             }
         }
     }
-
-    /// Bytes of room left in the receive FIFO.
-    pub fn input_room(&self) -> usize {
-        self.uart.fifo_capacity()
-    }
 }
 
 #[cfg(test)]

@@ -204,7 +204,7 @@ impl FromStr for CpusArg {
         let boot = v
             .parse::<u8>()
             .ok()
-            .filter(|n| (1..=254).contains(n))
+            .filter(|n| (1..=crate::vm::MAX_VCPUS).contains(n))
             .ok_or_else(|| ArgError::BadValue {
                 key: "boot",
                 value: v.into(),

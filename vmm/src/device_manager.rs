@@ -2,9 +2,10 @@
 //! devices themselves live in the `devices` crate; this module only routes.
 //!
 //! Port map: COM1 0x3f8..0x3ff, the i8042 0x60/0x64, the CMOS RTC 0x70/0x71, the ACPI power register 0x3c0,
-//! the PCI config ports
-//! 0xcf8..0xcff and I/O BARs. MMIO: the ECAM window and trapped BARs. Anything else reads all-ones and
-//! ignores writes (logged at trace level).
+//! the PCI hotplug registers (with `--api-socket`, see `crate::hotplug`), the PCI config ports 0xcf8..0xcff
+//! and I/O BARs. MMIO: the ECAM window and trapped BARs. Anything else reads all-ones and ignores writes
+//! (logged at trace level for ports, debug for MMIO). Nothing a guest writes here can stop the VMM
+//! except the power register and the i8042's reset command, which end the VM on purpose.
 
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -77,14 +78,6 @@ impl DeviceManager {
         self.serial
             .as_ref()
             .map(|s| lock(s).enqueue_input(bytes))
-            .unwrap_or(0)
-    }
-
-    /// Room left in the console's receive FIFO.
-    pub fn serial_input_room(&self) -> usize {
-        self.serial
-            .as_ref()
-            .map(|s| lock(s).input_room())
             .unwrap_or(0)
     }
 }

@@ -339,11 +339,6 @@ impl RunningVm {
         &self.exit_evt
     }
 
-    /// Why the VM ended, if it has.
-    pub fn try_exit(&self) -> Option<VmExit> {
-        self.exit_rx.try_recv().ok()
-    }
-
     /// Waits up to `timeout` for the VM to end.
     pub fn wait_exit(&self, timeout: Duration) -> Option<VmExit> {
         self.exit_rx.recv_timeout(timeout).ok()

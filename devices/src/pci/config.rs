@@ -92,12 +92,6 @@ impl PciConfig {
         self.regs[0x2c / 4] = u32::from(vendor) | (u32::from(device) << 16);
     }
 
-    /// Sets the interrupt pin (1 = INTA#, 0 = none).
-    pub fn set_interrupt_pin(&mut self, pin: u8) {
-        let r = &mut self.regs[OFF_INT_LINE / 4];
-        *r = (*r & !0xff00) | (u32::from(pin) << 8);
-    }
-
     /// Declares BAR `index`. A 64-bit BAR also takes `index + 1`. Returns `false` (and changes nothing)
     /// when the index is taken or out of range, or the size is not a power of two of at least 16 (memory)
     /// or 4 (I/O) bytes.
@@ -172,20 +166,6 @@ impl PciConfig {
     /// Reads register `reg` (0 for out-of-range).
     pub fn read_register(&self, reg: usize) -> u32 {
         self.regs.get(reg).copied().unwrap_or(0)
-    }
-
-    /// Sets a register directly (device-side update, not a guest write).
-    pub fn set_register(&mut self, reg: usize, value: u32) {
-        if let Some(r) = self.regs.get_mut(reg) {
-            *r = value;
-        }
-    }
-
-    /// Sets which bits of register `reg` the guest may change.
-    pub fn set_write_mask(&mut self, reg: usize, mask: u32) {
-        if let Some(m) = self.write_mask.get_mut(reg) {
-            *m = mask;
-        }
     }
 
     /// The command register (low 16 bits of register 1).

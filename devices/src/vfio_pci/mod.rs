@@ -439,11 +439,6 @@ impl VfioPciDevice {
         );
     }
 
-    /// The vector of MSI-X GSIs (for diagnostics and tests).
-    pub fn gsis(&self) -> Vec<u32> {
-        self.vectors.iter().map(|v| v.gsi).collect()
-    }
-
     /// Stops the device: MSI-X off, BAR slots removed, device reset, GSIs released. Idempotent; also run
     /// on drop. DMA is the IOMMU component's: release the device there afterwards.
     pub fn shutdown(&mut self) {
