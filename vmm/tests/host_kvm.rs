@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devices::pci::{
-    BarKind, BarRegion, BarRelocation, MsiRouting, PciBarDef, PciConfig, PciDevice,
+    BarKind, BarRegion, BarRelocation, MsiRouting, PciBarDef, PciConfig, PciDevice, PciSlot,
 };
 use kvm_bindings::{kvm_mp_state, kvm_segment, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::VcpuFd;
@@ -228,9 +228,12 @@ fn a_jump_to_the_reset_vector_is_a_reset() {
 type BarWrite = (u8, u64, Vec<u8>);
 
 /// A PCI device with one 4 KiB memory BAR that records the guest's writes.
+/// The BAR writes a [`Recorder`] saw.
+type BarWrites = Arc<Mutex<Vec<BarWrite>>>;
+
 struct Recorder {
     config: PciConfig,
-    writes: Arc<Mutex<Vec<BarWrite>>>,
+    writes: BarWrites,
 }
 
 impl PciDevice for Recorder {
@@ -259,9 +262,9 @@ impl PciDevice for Recorder {
     }
 }
 
-#[test]
-fn pci_config_via_ports_and_ecam_and_bar_mmio_from_a_cpl3_guest() {
-    let (vm, _) = new_vm(1, 64 << 20);
+/// Plugs a [`Recorder`] with one 4 KiB 32-bit BAR (1234:5678) into `vm`'s bus; returns it, its record of
+/// BAR writes and its slot.
+fn plug_recorder(vm: &Vm) -> (Arc<Mutex<Recorder>>, BarWrites, PciSlot) {
     let writes = Arc::new(Mutex::new(Vec::new()));
     let mut config = PciConfig::new(0x1234, 0x5678, 0xff, 0, 0);
     assert!(config.add_bar(
@@ -282,6 +285,13 @@ fn pci_config_via_ports_and_ecam_and_bar_mmio_from_a_cpl3_guest() {
         .pci()
         .add_device(None, dev.clone())
         .expect("plug");
+    (dev, writes, slot)
+}
+
+#[test]
+fn pci_config_via_ports_and_ecam_and_bar_mmio_from_a_cpl3_guest() {
+    let (vm, _) = new_vm(1, 64 << 20);
+    let (dev, writes, slot) = plug_recorder(&vm);
     assert_eq!(slot.0, 1);
     let bar = dev.lock().map(|d| d.bars()[0].base).unwrap_or(0);
     assert_ne!(bar, 0, "the bus placed BAR0");
@@ -329,25 +339,7 @@ fn pci_config_via_ports_and_ecam_and_bar_mmio_from_a_cpl3_guest() {
 #[test]
 fn a_guest_moves_a_bar_through_ecam_and_the_bus_follows() {
     let (vm, _) = new_vm(1, 64 << 20);
-    let writes = Arc::new(Mutex::new(Vec::new()));
-    let mut config = PciConfig::new(0x1234, 0x5678, 0xff, 0, 0);
-    assert!(config.add_bar(
-        0,
-        PciBarDef {
-            size: 0x1000,
-            kind: BarKind::Mem32 {
-                prefetchable: false
-            }
-        }
-    ));
-    let dev = Arc::new(Mutex::new(Recorder {
-        config,
-        writes: writes.clone(),
-    }));
-    vm.devices()
-        .pci()
-        .add_device(None, dev.clone())
-        .expect("plug");
+    let (dev, writes, _) = plug_recorder(&vm);
     let old = dev.lock().map(|d| d.bars()[0].base).unwrap_or(0);
     let new: u32 = 0xd000_0000;
     assert_ne!(u64::from(new), old);
