@@ -119,14 +119,21 @@ pub fn send_line(socket: &std::path::Path, line: &str, wait: Duration) -> Result
     })?;
     s.set_read_timeout(Some(wait))?;
     let mut w = s.try_clone()?;
-    w.write_all(line.trim_end_matches('\n').as_bytes())?;
-    w.write_all(b"\n")?;
-    w.flush()?;
+    let sent = w
+        .write_all(line.trim_end_matches('\n').as_bytes())
+        .and_then(|()| w.write_all(b"\n"))
+        .and_then(|()| w.flush());
+    // To a line longer than it reads, the VMM replies with an error and closes at once: our write may
+    // then fail (broken pipe), but the reply is there to read, and it says more than the write error.
     let mut reply = String::new();
-    if BufReader::new(s).read_line(&mut reply)? == 0 {
-        return Err(Error::NoReply);
+    match (BufReader::new(s).read_line(&mut reply), sent) {
+        (Ok(n), _) if n > 0 => {
+            serde_json::from_str(reply.trim()).map_err(|e| Error::BadReply(e.to_string()))
+        }
+        (_, Err(e)) => Err(e.into()),
+        (Ok(_), Ok(())) => Err(Error::NoReply),
+        (Err(e), Ok(())) => Err(e.into()),
     }
-    serde_json::from_str(reply.trim()).map_err(|e| Error::BadReply(e.to_string()))
 }
 
 /// Sends `req` and returns its result, or the VMM's error as [`Error::Refused`].
@@ -214,5 +221,35 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("--api-socket"), "{e}");
+    }
+
+    struct Pong;
+
+    impl crate::api::Backend for Pong {
+        fn handle(&mut self, _: Request) -> Reply {
+            Reply::ok(serde_json::json!("pong"))
+        }
+    }
+
+    #[test]
+    fn an_over_long_line_gets_the_vmms_error_reply_not_a_broken_pipe() {
+        let dir = std::env::temp_dir().join(format!("iovmm-client-test-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("api.sock");
+        let server = crate::api::ApiServer::start(&path, Pong).unwrap();
+        // Large enough that the write is still going when the server stops reading and closes.
+        let line = "x".repeat(4 * crate::api::MAX_LINE);
+        for _ in 0..20 {
+            let r = send_line(&path, &line, Duration::from_secs(10)).unwrap();
+            assert!(!r.ok);
+            assert!(r.error.unwrap_or_default().contains("longer than"));
+        }
+        assert!(
+            send_line(&path, r#"{"command":"ping"}"#, Duration::from_secs(10))
+                .unwrap()
+                .ok
+        );
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
