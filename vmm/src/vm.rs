@@ -98,8 +98,8 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 
 static KICK_HANDLER: Once = Once::new();
 
-/// The vCPUs' physical address width in KVM's supported CPUID (leaf 0x80000008: EAX[7:0], or the
-/// smaller guest width in EAX[23:16] when KVM reports one); 0 when the leaf is missing.
+/// The vCPUs' physical address width in KVM's supported CPUID (leaf 0x80000008: `EAX[7:0]`, or the
+/// smaller guest width in `EAX[23:16]` when KVM reports one); 0 when the leaf is missing.
 pub fn phys_bits(supported: &CpuId) -> u8 {
     supported
         .as_slice()
