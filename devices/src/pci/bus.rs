@@ -66,17 +66,18 @@ pub enum PciBusError {
     Device(#[from] PciDeviceError),
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Range {
-    end: u64, // exclusive
-    slot: usize,
-    bar: u8,
-}
+/// Where a BAR's range is found: keyed by (base, slot, BAR index), so BARs that a guest places over each
+/// other (Linux does, for a moment, while it sizes and moves 64-bit BARs one half at a time) are all kept
+/// and none of them is lost when another lands on the same base.
+type RangeKey = (u64, usize, u8);
+
+/// The last byte of a BAR's range (inclusive, so a BAR that ends at 2^64 needs no overflowing sum).
+type RangeLast = u64;
 
 struct Table {
     devices: Vec<Option<Arc<Mutex<dyn PciDevice>>>>,
-    mem: BTreeMap<u64, Range>,
-    io: BTreeMap<u64, Range>,
+    mem: BTreeMap<RangeKey, RangeLast>,
+    io: BTreeMap<RangeKey, RangeLast>,
     next: [u64; 3], // bump pointers: mmio32, mmio64, io
     /// Ranges given back by removed devices: (window, base, size). Reused for BARs of the same size, so
     /// plugging and unplugging the same device again and again does not use up the windows.
@@ -213,9 +214,9 @@ impl PciBus {
         let dev = t.devices.get_mut(index)?.take();
         let mut freed = Vec::new();
         for (io, map) in [(false, &t.mem), (true, &t.io)] {
-            for (&base, r) in map.iter().filter(|(_, r)| r.slot == index) {
-                let size = r.end - base;
-                let inside = |(s, l): (u64, u64)| base >= s && r.end <= s + l;
+            for (&(base, _, _), &last) in map.iter().filter(|((_, s, _), _)| *s == index) {
+                let size = last - base + 1;
+                let inside = |(s, l): (u64, u64)| base >= s && last < s + l;
                 let w = if io {
                     inside(self.windows.io).then_some(2)
                 } else if inside(self.windows.mmio32) {
@@ -229,8 +230,8 @@ impl PciBus {
             }
         }
         t.free.extend(freed);
-        t.mem.retain(|_, r| r.slot != index);
-        t.io.retain(|_, r| r.slot != index);
+        t.mem.retain(|&(_, s, _), _| s != index);
+        t.io.retain(|&(_, s, _), _| s != index);
         dev
     }
 
@@ -254,16 +255,10 @@ impl PciBus {
             } else {
                 &mut t.mem
             };
-            map.retain(|_, x| !(x.slot == index && x.bar == r.index));
-            if r.new_base != 0 {
-                map.insert(
-                    r.new_base,
-                    Range {
-                        end: r.new_base + r.size,
-                        slot: index,
-                        bar: r.index,
-                    },
-                );
+            map.retain(|&(_, s, b), _| !(s == index && b == r.index));
+            if r.new_base != 0 && r.size != 0 {
+                let last = r.new_base.saturating_add(r.size - 1);
+                map.insert((r.new_base, index, r.index), last);
             }
             log::debug!(
                 "pci 0000:00:{index:02x}.0: BAR{} {:#x} -> {:#x} ({:#x} bytes)",
@@ -406,10 +401,14 @@ impl PciBus {
         let found = {
             let t = self.read_table();
             let map = if io { &t.io } else { &t.mem };
-            map.range(..=addr)
-                .next_back()
-                .filter(|(_, r)| addr < r.end)
-                .and_then(|(base, r)| Some((t.devices[r.slot].clone()?, r.bar, addr - base)))
+            // The range with the highest base at or below `addr` that still covers it. Overlaps are rare
+            // and short-lived, and a bus holds a few dozen BARs, so the backward scan stays short.
+            map.range(..=(addr, usize::MAX, u8::MAX))
+                .rev()
+                .find(|(_, &last)| addr <= last)
+                .and_then(|(&(base, slot, bar), _)| {
+                    Some((t.devices.get(slot)?.clone()?, bar, addr - base))
+                })
         };
         match found {
             Some((dev, bar, off)) => {
