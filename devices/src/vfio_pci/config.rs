@@ -9,8 +9,9 @@
 //! - BARs are fully emulated by a [`PciConfig`]: sizing and relocation to the guest addresses the VMM's bus
 //!   allocates; the device's own BARs stay where the host put them. The expansion ROM is hidden.
 //! - Interrupt pin reads 0 (no INTx); interrupt line is a scratch register.
-//! - Capabilities: PM, PCI Express and MSI-X are shown, every other one is unlinked and reads as 0.
-//!   MSI is hidden (the guest uses MSI-X). The PCIe "initiate function level reset" bit is emulated as 0
+//! - Capabilities: PM, PCI Express and MSI-X are shown (the first of each), every other one is unlinked
+//!   and reads as 0. A capability ends where the next one starts, so overlapping ones of a malformed
+//!   device cannot undo each other's emulation. MSI is hidden (the guest uses MSI-X). The PCIe "initiate function level reset" bit is emulated as 0
 //!   and read-only: only the VMM resets the device (through VFIO), so the guest cannot reset it under the
 //!   VMM's feet. MSI-X message control is emulated (enable and function mask are the VMM's to apply).
 //! - The extended space (0x100..0x1000) reads as 0: no extended capability is shown.
@@ -55,8 +56,8 @@ pub enum ConfigError {
         /// PBA BAR.
         pba_bar: u8,
     },
-    /// The MSI-X capability's 12 bytes do not fit in the config header.
-    #[error("the device's MSI-X capability at {0:#x} runs past the 256-byte config header: its config space is malformed; it cannot be passed through")]
+    /// The MSI-X capability's 12 bytes do not fit in the config header or run into another capability.
+    #[error("the device's MSI-X capability at {0:#x} runs past the 256-byte config header or into another capability: its config space is malformed; it cannot be passed through")]
     MsixCapTruncated(usize),
 }
 
@@ -179,8 +180,19 @@ impl VfioConfig {
             }
         }
         let has_msi = found.iter().any(|(id, _)| *id == CAP_MSI);
+        // A capability ends where the next one (in offset order) starts, as QEMU's vfio does: bodies never
+        // overlap, so what one emulates another cannot pass through.
+        let room = |off: usize| {
+            found
+                .iter()
+                .map(|&(_, o)| o)
+                .filter(|&o| o > off)
+                .min()
+                .unwrap_or(LEGACY_SIZE)
+                - off
+        };
         if let Some(&(_, off)) = found.iter().find(|(id, _)| *id == CAP_MSIX) {
-            if off + 12 > LEGACY_SIZE {
+            if room(off) < 12 {
                 return Err(ConfigError::MsixCapTruncated(off));
             }
             let cap = MsixCap::parse(off, rd32(s, off), rd32(s, off + 4), rd32(s, off + 8));
@@ -217,29 +229,36 @@ impl VfioConfig {
                 }
                 _ => continue,
             };
-            let len = len.min(LEGACY_SIZE - off);
+            // Each kind is shown once, the first in the list: a second MSI-X would be one the VMM
+            // does not serve.
+            if c.shown.iter().any(|cap| cap.id == id) {
+                log::warn!("vfio-pci: a second capability {id:#x} at {off:#x} is hidden");
+                continue;
+            }
+            let len = len.min(room(off));
             // Body passes through; id and next pointer are the VMM's.
             c.virt[off..off + len].copy_from_slice(&s[off..off + len]);
             c.passthrough(off, len);
             c.emulate_ro(off, 2);
-            match id {
-                CAP_MSIX => {
-                    // Message control: table size read-only, enable + function mask emulated.
-                    c.virt[off + 2] = s[off + 2];
-                    c.virt[off + 3] = s[off + 3] & 0x07;
-                    c.emulate(off + 2, 1, 0);
-                    c.emulate(off + 3, 1, 0xc0);
-                    c.emulate_ro(off + 4, 8);
-                }
-                CAP_PCIE if len > 9 => {
-                    // Device control bit 15: initiate FLR. Only the VMM resets the device.
-                    c.virt[off + 9] &= 0x7f;
-                    c.emulated[off + 9] |= 0x80;
-                    c.writable[off + 9] &= 0x7f;
-                }
-                _ => {}
+            if id == CAP_MSIX {
+                // Message control: table size read-only, enable + function mask emulated.
+                c.virt[off + 2] = s[off + 2];
+                c.virt[off + 3] = s[off + 3] & 0x07;
+                c.emulate(off + 2, 1, 0);
+                c.emulate(off + 3, 1, 0xc0);
+                c.emulate_ro(off + 4, 8);
             }
             c.shown.push(ShownCap { id, offset: off });
+        }
+        // PCIe device control bit 15: initiate FLR. Only the VMM resets the device, even when another
+        // capability runs over the device control register.
+        if let Some(cap) = c.shown.iter().find(|cap| cap.id == CAP_PCIE) {
+            let devctl_hi = cap.offset + 9;
+            if devctl_hi < LEGACY_SIZE {
+                c.virt[devctl_hi] &= 0x7f;
+                c.emulated[devctl_hi] |= 0x80;
+                c.writable[devctl_hi] &= 0x7f;
+            }
         }
         // Link the shown capabilities.
         let first = c.shown.first().map(|cap| cap.offset as u8).unwrap_or(0);
@@ -583,6 +602,100 @@ mod tests {
         assert_eq!(
             VfioConfig::new(&s, &sizes()).err(),
             Some(ConfigError::MsixCapTruncated(0xfc))
+        );
+    }
+
+    /// Capability ids and offsets the guest finds walking the list.
+    fn walk(c: &VfioConfig, hw: &Hw) -> Vec<(u8, usize)> {
+        let mut out = Vec::new();
+        let mut ptr = (c.read_register(0x34 / 4, hw) & 0xff) as usize;
+        while ptr != 0 && out.len() < 48 {
+            let dw = c.read_register(ptr / 4, hw);
+            out.push(((dw & 0xff) as u8, ptr));
+            ptr = ((dw >> 8) & 0xff) as usize;
+        }
+        out
+    }
+
+    /// Found by tests/vfio_config_fuzz.rs: a second MSI-X capability in the last dword of the header was
+    /// emulated past the end of the config arrays (a panic while opening the device).
+    #[test]
+    fn a_second_msix_capability_is_hidden() {
+        let mut s = igb();
+        s[0xa1] = 0xfc;
+        put(&mut s, 0xfc, &[CAP_MSIX, 0x00, 0x09, 0x00]);
+        let c = VfioConfig::new(&s, &sizes()).unwrap();
+        let hw = Hw(RefCell::new(s), RefCell::new(Vec::new()));
+        assert_eq!(
+            walk(&c, &hw),
+            vec![(CAP_PM, 0x40), (CAP_MSIX, 0x70), (CAP_PCIE, 0xa0)]
+        );
+        assert_eq!(c.read_register(0xfc / 4, &hw), 0);
+    }
+
+    /// Found by tests/vfio_config_fuzz.rs: a capability later in the list whose body covered MSI-X
+    /// message control made it pass through, so the guest enabled MSI-X on the device behind the VMM.
+    #[test]
+    fn a_capability_running_over_msix_control_does_not_pass_it_through() {
+        let mut s = igb();
+        s[0x34] = 0x70;
+        s[0x71] = 0x40;
+        put(
+            &mut s,
+            0x40,
+            &[CAP_PCIE, 0x00, 0x02, 0x00, 0, 0, 0, 0, 0x10, 0x28],
+        );
+        let (mut c, hw) = (
+            VfioConfig::new(&s, &sizes()).unwrap(),
+            Hw(RefCell::new(s), RefCell::new(Vec::new())),
+        );
+        assert_eq!(walk(&c, &hw), vec![(CAP_MSIX, 0x70), (CAP_PCIE, 0x40)]);
+        let fx = c.write_register(0x70 / 4, 2, &[0xff, 0xc0], &hw);
+        assert!(fx.msix_control);
+        assert_eq!(c.msix_state(), (true, true));
+        assert!(hw.1.borrow().is_empty(), "message control is the VMM's");
+        // The PCIe capability ends where MSI-X starts: its body below still passes through.
+        c.write_register(0x4c / 4, 0, &[0x12], &hw);
+        assert_eq!(hw.1.borrow().len(), 1);
+    }
+
+    /// Found by tests/vfio_config_fuzz.rs: a PM capability right after the PCIe one, covering device
+    /// control, passed the "initiate FLR" bit through to the device.
+    #[test]
+    fn a_capability_over_pcie_device_control_cannot_start_an_flr() {
+        let mut s = igb();
+        s[0x34] = 0x70;
+        s[0xa1] = 0xa4;
+        put(
+            &mut s,
+            0xa4,
+            &[CAP_PM, 0x00, 0x23, 0xc8, 0x00, 0x00, 0x00, 0x00],
+        );
+        let (mut c, hw) = (
+            VfioConfig::new(&s, &sizes()).unwrap(),
+            Hw(RefCell::new(s), RefCell::new(Vec::new())),
+        );
+        assert_eq!(
+            walk(&c, &hw),
+            vec![(CAP_MSIX, 0x70), (CAP_PCIE, 0xa0), (CAP_PM, 0xa4)]
+        );
+        c.write_register(0xa8 / 4, 0, &[0xff; 4], &hw);
+        assert!(hw
+            .1
+            .borrow()
+            .iter()
+            .all(|(o, d)| *o != 0xa9 || d[0] & 0x80 == 0));
+        assert_eq!(hw.0.borrow()[0xa9] & 0x80, 0, "no FLR");
+    }
+
+    #[test]
+    fn an_msix_capability_running_into_the_next_one_is_refused() {
+        let mut s = igb();
+        s[0x71] = 0x78;
+        put(&mut s, 0x78, &[CAP_PCIE, 0x00, 0x02, 0x00]);
+        assert_eq!(
+            VfioConfig::new(&s, &sizes()).err(),
+            Some(ConfigError::MsixCapTruncated(0x70))
         );
     }
 
