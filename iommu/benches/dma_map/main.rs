@@ -2,7 +2,9 @@
 //! and of baseline 1 (a `BTreeMap` interval map, `baseline.rs`) in the same run.
 //!
 //! Run it through `scripts/bench dma-map` (which adds Linux's numbers and draws the chart), or directly:
-//! `cargo bench -p iommu --bench dma_map -- [--quick] [--json FILE] [--samples N] [--only CASE,..]`.
+//! `cargo bench -p iommu --bench dma_map -- [--quick] [--json FILE] [--samples N] [--only CASE,..] [--count]`.
+//! `--count` adds one untimed batch per map case and churn (ours only) through the never-inlined `counted_map` /
+//! `counted_unmap`, for instruction counts under valgrind (docs/benchmarks.md, "What changed").
 //! Without `--bench` on its command line (as under `cargo test --all-targets`) it runs every case once
 //! with tiny batches as a smoke test, checking that both structures give the same answers.
 //!
@@ -29,6 +31,9 @@ const MIB: u64 = 1 << 20;
 /// What is measured: the page table or the baseline.
 trait Subject {
     type Tr;
+    /// Whether `--count` runs its counted batch (the page table's only, so that the counted functions'
+    /// totals are ours).
+    const COUNTED: bool;
     fn name() -> &'static str;
     fn create() -> Self;
     /// One domain map call; returns the leaves written (1 for the interval map).
@@ -44,6 +49,7 @@ trait Subject {
 
 impl Subject for IoPageTable {
     type Tr = Translator;
+    const COUNTED: bool = true;
     fn name() -> &'static str {
         "iommu::pt"
     }
@@ -79,6 +85,7 @@ impl Subject for IoPageTable {
 
 impl Subject for IntervalMap {
     type Tr = ();
+    const COUNTED: bool = false;
     fn name() -> &'static str {
         "btreemap"
     }
@@ -197,6 +204,8 @@ struct Opts {
     warmup: usize,
     only: Option<Vec<String>>,
     json: Option<String>,
+    /// Run one more, untimed, batch of each map case and of churn through `counted_map`/`counted_unmap`.
+    count: bool,
 }
 
 /// One result line.
@@ -240,6 +249,32 @@ fn sample_batches(o: &Opts, mut f: impl FnMut() -> Vec<(usize, u128)>) -> Vec<f6
     phases.iter_mut().map(|p| median(p)).collect()
 }
 
+/// One map call, never inlined: with `--count`, `valgrind --tool=callgrind --toggle-collect='dma_map::counted*'`
+/// counts the instructions of exactly the counted calls (see docs/benchmarks.md).
+#[inline(never)]
+fn counted_map<S: Subject>(s: &S, iova: u64, pa: u64, len: u64) -> u64 {
+    s.map(iova, pa, len)
+}
+
+/// One unmap call, never inlined (see [`counted_map`]).
+#[inline(never)]
+fn counted_unmap<S: Subject>(s: &S, iova: u64, len: u64) -> u64 {
+    s.unmap(iova, len)
+}
+
+/// `--count`: after the warm-up batches, one more batch of map and unmap calls through [`counted_map`] and
+/// [`counted_unmap`], untimed.
+fn count_map_case<S: Subject>(s: &S, c: &MapCase, batch: usize) {
+    let (iova0, pa0) = (IOVA_BASE + c.off, PA_BASE + c.off);
+    for j in 0..batch as u64 {
+        black_box(counted_map(s, iova0 + j * c.stride, pa0 + j * c.stride, c.len));
+    }
+    for j in 0..batch as u64 {
+        black_box(counted_unmap(s, iova0 + j * c.stride, c.len));
+    }
+    eprintln!("[count] {} ({}): {batch} map and {batch} unmap calls", c.map, S::name());
+}
+
 fn run_map_case<S: Subject>(o: &Opts, c: &MapCase) -> (Vec<f64>, u64) {
     let s = S::create();
     let batch = if o.smoke { 4 } else { c.batch };
@@ -261,6 +296,9 @@ fn run_map_case<S: Subject>(o: &Opts, c: &MapCase) -> (Vec<f64>, u64) {
         assert_eq!(bad, 0, "{}: unmap returned a wrong length", c.map);
         vec![(batch, (t1 - t0).as_nanos()), (batch, (t2 - t1).as_nanos())]
     });
+    if o.count && S::COUNTED {
+        count_map_case(&s, c, batch);
+    }
     (r, leaves)
 }
 
@@ -320,7 +358,7 @@ fn run_churn<S: Subject>(o: &Opts) -> f64 {
         .map(|_| IOVA_BASE + (rng.next() % (win / PAGE_4K)) * PAGE_4K)
         .collect();
     let mut pos = 0;
-    sample_batches(o, || {
+    let ns = sample_batches(o, || {
         let t0 = Instant::now();
         let mut bad = 0;
         for j in 0..batch {
@@ -332,7 +370,16 @@ fn run_churn<S: Subject>(o: &Opts) -> f64 {
         pos = (pos + batch) % CHURN_POOL;
         assert_eq!(bad, 0, "churn_4k: unmap returned a wrong length");
         vec![(batch, (t1 - t0).as_nanos())]
-    })[0]
+    })[0];
+    if o.count && S::COUNTED {
+        for j in 0..batch {
+            let iova = pool[(pos + j) % CHURN_POOL];
+            counted_map(&s, iova, iova - IOVA_BASE + PA_BASE, PAGE_4K);
+            black_box(counted_unmap(&s, iova, PAGE_4K));
+        }
+        eprintln!("[count] churn_4k ({}): {batch} map and {batch} unmap calls", S::name());
+    }
+    ns
 }
 
 fn wanted(o: &Opts, names: &[&str]) -> bool {
@@ -355,6 +402,7 @@ fn main() {
         warmup: 20,
         only: None,
         json: None,
+        count: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -366,6 +414,7 @@ fn main() {
             }
             "--samples" => o.samples = it.next().and_then(|s| s.parse().ok()).unwrap_or(o.samples),
             "--json" => o.json = it.next().cloned(),
+            "--count" => o.count = true,
             "--only" => o.only = it.next().map(|s| s.split(',').map(String::from).collect()),
             other => {
                 eprintln!("dma_map: ignoring unknown argument '{other}'");
