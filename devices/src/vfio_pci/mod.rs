@@ -33,7 +33,7 @@ use crate::pci::{
     COMMAND_MEMORY, COMMAND_REG, NUM_BARS,
 };
 use config::{ConfigIo, VfioConfig, LEGACY_SIZE};
-use msix::{MsixCap, MsixTable};
+use msix::{BarAccess, MsixCap, MsixTable};
 
 /// Host page size assumed for BAR mappings (x86-64).
 const PAGE: u64 = 4096;
@@ -574,45 +574,36 @@ impl PciDevice for VfioPciDevice {
         let len = data.len() as u64;
         // What a failed read (e.g. memory decode off) returns: all-ones, as on a real bus.
         data.fill(0xff);
-        if self.msix_cap.in_table(bar, offset, len) {
-            self.table.read(offset - self.msix_cap.table_offset, data);
-            return;
-        }
-        if offset
-            .checked_add(len)
-            .is_none_or(|e| e > self.bar_size(bar))
+        match self
+            .msix_cap
+            .bar_access(bar, self.bar_size(bar), offset, len, false)
         {
-            log::debug!("{}: read outside BAR{bar} at {offset:#x}", self.name);
-            data.fill(0xff);
-            return;
+            BarAccess::Table(o) => self.table.read(o, data),
+            BarAccess::Device => self.device.region_read(u32::from(bar), data, offset),
+            BarAccess::Dropped => log::debug!(
+                "{}: read of {len} bytes at BAR{bar} {offset:#x} dropped (outside the BAR or across the MSI-X table's edge)",
+                self.name
+            ),
         }
-        self.device.region_read(u32::from(bar), data, offset);
     }
 
     fn write_bar(&mut self, bar: u8, offset: u64, data: &[u8]) {
         let len = data.len() as u64;
-        if self.msix_cap.in_table(bar, offset, len) {
-            for i in self.table.write(offset - self.msix_cap.table_offset, data) {
-                self.update_vector(i);
-            }
-            return;
-        }
-        if bar == self.msix_cap.table_bar {
-            // A write straddling the table's edge: drop it (the spec allows only aligned dword/qword).
-            let t = self.msix_cap.table_offset;
-            if offset < t + self.msix_cap.table_size() && offset + len > t {
-                log::debug!("{}: dropped a write straddling the MSI-X table", self.name);
-                return;
-            }
-        }
-        if offset
-            .checked_add(len)
-            .is_none_or(|e| e > self.bar_size(bar))
+        match self
+            .msix_cap
+            .bar_access(bar, self.bar_size(bar), offset, len, true)
         {
-            log::debug!("{}: write outside BAR{bar} at {offset:#x}", self.name);
-            return;
+            BarAccess::Table(o) => {
+                for i in self.table.write(o, data) {
+                    self.update_vector(i);
+                }
+            }
+            BarAccess::Device => self.device.region_write(u32::from(bar), data, offset),
+            BarAccess::Dropped => log::debug!(
+                "{}: write of {len} bytes at BAR{bar} {offset:#x} dropped (outside the BAR, across the MSI-X table's edge, or into the PBA)",
+                self.name
+            ),
         }
-        self.device.region_write(u32::from(bar), data, offset);
     }
 }
 

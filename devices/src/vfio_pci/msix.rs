@@ -59,6 +59,48 @@ impl MsixCap {
             && offset >= self.table_offset
             && offset.saturating_add(len) <= self.table_offset + self.table_size()
     }
+
+    /// Where a trapped guest access of `len` bytes at `offset` into BAR `bar` (of `bar_size` bytes)
+    /// goes: inside the table, to the emulated table; empty, past the BAR's end, across the table's
+    /// edge, or (a write) into the pending bit array, which software must not write, nowhere; anything
+    /// else to the device.
+    pub fn bar_access(
+        &self,
+        bar: u8,
+        bar_size: u64,
+        offset: u64,
+        len: u64,
+        write: bool,
+    ) -> BarAccess {
+        let Some(end) = offset
+            .checked_add(len)
+            .filter(|&end| len > 0 && end <= bar_size)
+        else {
+            return BarAccess::Dropped;
+        };
+        if self.in_table(bar, offset, len) {
+            return BarAccess::Table(offset - self.table_offset);
+        }
+        let overlaps =
+            |b: u8, start: u64, size: u64| b == bar && offset < start + size && start < end;
+        if overlaps(self.table_bar, self.table_offset, self.table_size())
+            || (write && overlaps(self.pba_bar, self.pba_offset, self.pba_size()))
+        {
+            return BarAccess::Dropped;
+        }
+        BarAccess::Device
+    }
+}
+
+/// Where a trapped access to a passthrough device's BAR goes ([`MsixCap::bar_access`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BarAccess {
+    /// The emulated MSI-X table, at this byte offset into it.
+    Table(u64),
+    /// The device's BAR, through VFIO.
+    Device,
+    /// Nowhere: a read returns all-ones, a write is dropped.
+    Dropped,
 }
 
 /// One vector as the guest programmed it.
@@ -151,9 +193,10 @@ impl MsixTable {
 
     /// Vector `i`, if it exists.
     pub fn vector(&self, i: usize) -> Option<MsixVector> {
+        let start = i.checked_mul(ENTRY_SIZE as usize)?;
         let e = self
             .bytes
-            .get(i * ENTRY_SIZE as usize..(i + 1) * ENTRY_SIZE as usize)?;
+            .get(start..start.checked_add(ENTRY_SIZE as usize)?)?;
         let dw = |k: usize| u32::from_le_bytes([e[k], e[k + 1], e[k + 2], e[k + 3]]);
         Some(MsixVector {
             address: u64::from(dw(0)) | (u64::from(dw(4)) << 32),
@@ -242,5 +285,25 @@ mod tests {
         // A write that straddles the end changes only what is inside.
         assert_eq!(t.write(30, &[0xff; 4]), Vec::<usize>::new());
         assert!(t.vector(5).is_none());
+        assert!(t.vector(usize::MAX).is_none(), "no overflow");
+        assert!(t.route(usize::MAX / 16 + 1, true, false).is_none());
+    }
+
+    #[test]
+    fn bar_accesses_go_to_the_table_the_device_or_nowhere() {
+        // igb: 10 vectors, table in BAR3 at 0 (160 bytes), PBA in BAR3 at 0x2000; BAR3 is 16 KiB.
+        let cap = MsixCap::parse(0x70, 0x0009_a011, 0x0000_0003, 0x0000_2003);
+        let at = |bar, off, len, write| cap.bar_access(bar, 0x4000, off, len, write);
+        assert_eq!(at(3, 16, 4, true), BarAccess::Table(16));
+        assert_eq!(at(3, 152, 8, false), BarAccess::Table(152));
+        assert_eq!(at(3, 156, 8, false), BarAccess::Dropped, "across the end");
+        assert_eq!(at(3, 160, 4, true), BarAccess::Device, "right after it");
+        assert_eq!(at(3, 0x2000, 8, false), BarAccess::Device, "PBA reads");
+        assert_eq!(at(3, 0x2004, 4, true), BarAccess::Dropped, "PBA writes");
+        assert_eq!(at(3, 0x2008, 4, true), BarAccess::Device);
+        assert_eq!(at(3, 0x3ffc, 8, false), BarAccess::Dropped, "past the BAR");
+        assert_eq!(at(3, u64::MAX, 8, true), BarAccess::Dropped);
+        assert_eq!(at(3, 0, 0, false), BarAccess::Dropped, "empty");
+        assert_eq!(at(0, 0, 4, true), BarAccess::Device, "another BAR");
     }
 }
