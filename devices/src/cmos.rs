@@ -9,6 +9,10 @@ const REG_B: u8 = 0x0b;
 const REG_C: u8 = 0x0c;
 const REG_D: u8 = 0x0d;
 const CENTURY: u8 = 0x32;
+/// Register B: 24-hour (bit 1), BCD (bit 2 clear), no interrupts.
+const REG_B_DEFAULT: u8 = 0x02;
+/// Register B bits the guest cannot change: data mode (binary/BCD) and 24/12-hour.
+const REG_B_FIXED: u8 = 0x06;
 
 /// Index port.
 pub const CMOS_INDEX_PORT: u16 = 0x70;
@@ -63,7 +67,7 @@ impl Cmos {
     pub fn with_clock(now: fn() -> u64) -> Self {
         let mut nvram = [0u8; 128];
         nvram[usize::from(REG_A)] = 0x26; // 32.768 kHz time base, 1024 Hz rate; UIP clear
-        nvram[usize::from(REG_B)] = 0x02; // 24-hour, BCD, no interrupts
+        nvram[usize::from(REG_B)] = REG_B_DEFAULT;
         nvram[usize::from(REG_D)] = 0x80; // valid RAM and time
         Self {
             index: 0,
@@ -78,8 +82,11 @@ impl Cmos {
             CMOS_INDEX_PORT => self.index = value & 0x7f,
             CMOS_DATA_PORT => match self.index {
                 // The clock follows the host; the guest setting it is ignored. UIP and C/D are read-only.
-                0x00..=0x09 | REG_C | REG_D => {}
+                0x00 | 0x02 | 0x04 | 0x06..=0x09 | REG_C | REG_D => {}
                 REG_A => self.nvram[usize::from(REG_A)] = value & 0x7f,
+                // The time is always BCD and 24-hour: the data-mode and 24/12 bits stay as they are.
+                REG_B => self.nvram[usize::from(REG_B)] = (value & !REG_B_FIXED) | REG_B_DEFAULT,
+                // NVRAM and the alarm registers (1, 3, 5) keep what is written.
                 i => self.nvram[usize::from(i)] = value,
             },
             _ => {}
@@ -141,6 +148,28 @@ mod tests {
         c.write(CMOS_INDEX_PORT, 0x00);
         c.write(CMOS_DATA_PORT, 0x33);
         assert_eq!(read(&mut c, 0x00), 0x09, "the clock follows the host");
+    }
+
+    /// A guest that switched register B to binary or 12-hour mode read it back so, but the clock stayed
+    /// BCD 24-hour (a guest trusting register B misread the time); alarm registers read 0 whatever was
+    /// written. vmm/tests/ports_fuzz.rs checks both for random port accesses.
+    #[test]
+    fn register_b_keeps_bcd_24_hour_and_alarms_read_back() {
+        let mut c = Cmos::with_clock(|| 1_795_269_909);
+        c.write(CMOS_INDEX_PORT, REG_B);
+        c.write(CMOS_DATA_PORT, 0x04 | 0x10);
+        assert_eq!(
+            read(&mut c, REG_B),
+            0x12,
+            "BCD and 24-hour stay; the rest is written"
+        );
+        assert_eq!(read(&mut c, 0x04), 0x14);
+        for alarm in [1u8, 3, 5] {
+            c.write(CMOS_INDEX_PORT, alarm);
+            c.write(CMOS_DATA_PORT, 0x42);
+            assert_eq!(read(&mut c, alarm), 0x42);
+        }
+        assert_eq!(read(&mut c, 0x00), 0x09);
     }
 
     #[test]
