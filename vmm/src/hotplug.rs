@@ -49,7 +49,7 @@ use vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX;
 use vfio_ioctls::VfioDevice;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::api::{Backend, Reply, Request};
+use crate::api::{Backend, Reply, Request, MAX_TIMEOUT_SECS};
 use crate::passthrough::{
     self, AttachError, CheckedDevice, DeviceSpec, Passthrough, PassthroughDevice, PreflightError,
 };
@@ -614,6 +614,8 @@ impl Hotplug {
         }
         let id = e.id.clone();
         self.controller.request_eject(slot)?;
+        // The API refuses longer ones; a caller that passed one anyway must not overflow the clock.
+        let timeout = timeout.min(Duration::from_secs(MAX_TIMEOUT_SECS));
         let deadline = Instant::now() + timeout;
         loop {
             self.process_ejected();

@@ -77,6 +77,36 @@ fn api_on_a_live_vm_answers_everything_and_survives_bad_requests() {
         "{lines:?}"
     );
 
+    // Well-formed JSON the real backend must refuse before it acts: a timeout that would overflow the
+    // clock, wrong types, a path with a NUL byte and one that escapes sysfs.
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.write_all(
+        concat!(
+            r#"{"command":"remove-device","id":"nic0","timeout_secs":18446744073709551615}"#,
+            "\n",
+            r#"{"command":"dma-test","id":"nic0","force":"yes"}"#,
+            "\n",
+            r#"{"command":"add-device","path":"/sys/bus/pci/devices/0000:00:02.0\u0000"}"#,
+            "\n",
+            r#"{"command":"add-device","path":"../../../../etc"}"#,
+            "\n",
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let lines: Vec<String> = BufReader::new(s).lines().map_while(Result::ok).collect();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert!(lines[0].contains("more than 86400"), "{lines:?}");
+    assert!(lines[1].contains("invalid type"), "{lines:?}");
+    assert!(lines[2].contains("no such device"), "{lines:?}");
+    assert!(lines[3].contains("not a PCI device"), "{lines:?}");
+    assert!(
+        lines.iter().all(|l| l.starts_with("{\"ok\":false")),
+        "{lines:?}"
+    );
+    assert_eq!(ok(&Request::Ping).unwrap(), serde_json::json!("pong"));
+
     // The binary's client: exit 0 with the result on stdout, 1 with the error on stderr.
     let bin = env!("CARGO_BIN_EXE_vmm");
     let out = Command::new(bin)

@@ -7,7 +7,7 @@
 //! | command | fields | result |
 //! |---|---|---|
 //! | `add-device` | `path` (sysfs path of a host PCI device on vfio-pci), `id` (optional) | the device |
-//! | `remove-device` | `id`, `timeout_secs` (optional, default 60) | the device, parked |
+//! | `remove-device` | `id`, `timeout_secs` (optional, default 60, at most [`MAX_TIMEOUT_SECS`]) | the device, parked |
 //! | `list-devices` | - | every passthrough device with its state (plugged, unplugging, parked) |
 //! | `info` | - | VM and VMM counters: fds, RSS, VFIO map/unmap counters, containers, slots, GSIs |
 //! | `dma-test` | `id`, `force` (optional) | what the NIC did when the VMM drove its TX ring (see [`crate::hotplug`]) |
@@ -39,6 +39,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Longest request line accepted (bytes, without the newline).
 pub const MAX_LINE: usize = 64 * 1024;
+/// Longest `timeout_secs` a `remove-device` may ask for (a day).
+pub const MAX_TIMEOUT_SECS: u64 = 24 * 60 * 60;
 /// How long a connection may stay silent before the server closes it (so one stuck client cannot
 /// hold the API).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -148,6 +150,17 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
             "bad request: unknown field in {}: this command takes no fields",
             String::from_utf8_lossy(line).trim()
         ));
+    }
+    if let Request::RemoveDevice {
+        timeout_secs: Some(t),
+        ..
+    } = req
+    {
+        if t > MAX_TIMEOUT_SECS {
+            return Err(format!(
+                "bad request: timeout_secs {t} is more than {MAX_TIMEOUT_SECS} (a day)"
+            ));
+        }
     }
     Ok(req)
 }
@@ -450,6 +463,14 @@ mod tests {
                 "invalid value",
             ),
             (b"{\"command\":\"ping\"}{", "not JSON"),
+            (
+                br#"{"command":"remove-device","id":"x","timeout_secs":18446744073709551615}"#,
+                "more than 86400",
+            ),
+            (
+                br#"{"command":"remove-device","id":"x","timeout_secs":1e400}"#,
+                "not JSON",
+            ),
         ];
         for (input, want) in cases {
             let e = parse_request(input).unwrap_err();
