@@ -173,6 +173,39 @@ mod tests {
     }
 
     #[test]
+    fn any_register_at_any_host_time_reads_valid_values() {
+        let bcd_ok =
+            |v: u8, max: u8| v & 0xf <= 9 && v >> 4 <= 9 && (v >> 4) * 10 + (v & 0xf) <= max;
+        let clocks: [fn() -> u64; 5] = [
+            || 0,
+            || 951_868_799, // 2000-02-29 23:59:59
+            || u64::from(u32::MAX),
+            || 253_402_300_799, // 9999-12-31 23:59:59
+            || u64::MAX,
+        ];
+        for now in clocks {
+            let mut c = Cmos::with_clock(now);
+            // The index port keeps 7 bits (bit 7 is the NMI mask); other ports read all-ones.
+            for index in 0..=u8::MAX {
+                let v = read(&mut c, index);
+                let max = match index & 0x7f {
+                    0x00 | 0x02 => 59,
+                    0x04 => 23,
+                    0x06 => 7,
+                    0x07 => 31,
+                    0x08 => 12,
+                    0x09 | CENTURY => 99,
+                    _ => continue,
+                };
+                assert!(bcd_ok(v, max), "register {index:#x} = {v:#x}");
+            }
+            assert_eq!(c.read(CMOS_INDEX_PORT), 0xff);
+            assert_eq!(c.read(0x72), 0xff);
+            c.write(0x72, 0x12);
+        }
+    }
+
+    #[test]
     fn epoch_and_leap_days() {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));

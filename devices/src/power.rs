@@ -76,4 +76,19 @@ mod tests {
         assert_eq!(k.write_command(0xfe), Some(PowerEvent::Reset));
         assert_eq!(k.write_command(0xad), None);
     }
+
+    #[test]
+    fn no_other_value_ends_the_vm() {
+        let (mut p, mut k) = (AcpiPowerControl, I8042);
+        for v in 0..=u8::MAX {
+            let want = match v {
+                RESET_VALUE => Some(PowerEvent::Reset),
+                v if v & SLP_EN != 0 && (v >> 2) & 7 == S5_SLEEP_TYPE => Some(PowerEvent::PowerOff),
+                _ => None,
+            };
+            assert_eq!(p.write(v), want, "{v:#x}");
+            assert_eq!(k.write_command(v).is_some(), v == 0xfe, "{v:#x}");
+        }
+        assert_eq!((p.read(), k.read()), (0, 0));
+    }
 }

@@ -96,4 +96,29 @@ mod tests {
         assert_eq!(s.read(5) & 1, 1, "LSR data ready");
         assert_eq!(s.read(0), b'x');
     }
+
+    struct Closed;
+    impl Write for Closed {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn registers_past_7_a_closed_output_and_a_full_fifo_are_harmless() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let mut s = SerialConsole::new(irq, Box::new(Closed));
+        for r in 8..=u8::MAX {
+            s.write(r, 0xff);
+            assert_eq!(s.read(r), 0, "register {r} is not there");
+        }
+        s.write(0, b'x');
+        assert_eq!(s.read(5) & 0x60, 0x60, "the transmitter stays empty");
+        assert_eq!(s.enqueue_input(&[b'y'; 100]), 64, "the FIFO takes 64 bytes");
+        assert_eq!(s.enqueue_input(b"z"), 0, "a full FIFO takes nothing");
+        assert_eq!(s.enqueue_input(b""), 0);
+    }
 }
