@@ -224,7 +224,7 @@ proptest! {
         prop_assert_eq!(c.table_offset % 8, 0);
         prop_assert_eq!(c.pba_offset % 8, 0);
         prop_assert_eq!(c.table_size(), u64::from(c.vectors) * 16);
-        prop_assert!(c.pba_size() % 8 == 0 && c.pba_size() * 8 >= u64::from(c.vectors));
+        prop_assert!(c.pba_size().is_multiple_of(8) && c.pba_size() * 8 >= u64::from(c.vectors));
         prop_assert!(c.in_table(c.table_bar, c.table_offset, c.table_size()));
         prop_assert!(!c.in_table(c.table_bar, c.table_offset, c.table_size() + 1));
     }

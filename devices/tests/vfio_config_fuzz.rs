@@ -267,7 +267,7 @@ impl Rig {
         let mut ptr = (self.read(0x34 / 4) & 0xff) as usize;
         while ptr != 0 {
             prop_assert!(walked.len() < 48, "the capability list loops");
-            prop_assert!(ptr >= 0x40 && ptr % 4 == 0, "pointer {:#x}", ptr);
+            prop_assert!(ptr >= 0x40 && ptr.is_multiple_of(4), "pointer {:#x}", ptr);
             let dw = self.read(ptr / 4);
             walked.push(((dw & 0xff) as u8, ptr));
             ptr = ((dw >> 8) & 0xff) as usize;

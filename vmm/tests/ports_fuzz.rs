@@ -202,11 +202,9 @@ impl Rig {
         let u = &mut self.uart;
         match r {
             0 | 1 if u.dlab() => u.divisor[usize::from(r)] = v,
-            0 if u.looped() => {
-                if u.rx.len() < 64 {
-                    u.rx.push_back(v);
-                }
-            }
+            // Loopback: into the receive FIFO while it has room.
+            0 if u.looped() && u.rx.len() < 64 => u.rx.push_back(v),
+            0 if u.looped() => {}
             0 => u.out.push(v),
             1 => u.ier = v & 0x0f,
             3 => u.lcr = v,
