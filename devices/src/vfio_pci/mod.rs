@@ -6,8 +6,9 @@
 //! - the BAR mappings: each BAR part that VFIO lets us mmap becomes a KVM memory slot at the BAR's guest
 //!   address (through [`BarMapper`]), except the pages holding the MSI-X table and PBA, which stay trapped
 //!   and reach [`PciDevice::read_bar`]/[`PciDevice::write_bar`];
-//! - MSI-X ([`msix`]): the guest's table is emulated; each vector has a GSI and an eventfd from
-//!   [`MsiRouting`]; VFIO signals the eventfds (VFIO_DEVICE_SET_IRQS) and KVM injects them (irqfd);
+//! - MSI-X ([`msix`]): the guest's table is emulated, the PBA is read from the device and never written
+//!   ([`MsixCap::bar_access`] says where each trapped access goes); each vector has a GSI and an eventfd
+//!   from [`MsiRouting`]; VFIO signals the eventfds (VFIO_DEVICE_SET_IRQS) and KVM injects them (irqfd);
 //! - reset: at creation and at [`VfioPciDevice::shutdown`].
 //!
 //! What it must not do: decide DMA. The device's DMA goes through the IOMMU component's `vfio` driver,
