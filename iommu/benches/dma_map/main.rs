@@ -267,12 +267,21 @@ fn counted_unmap<S: Subject>(s: &S, iova: u64, len: u64) -> u64 {
 fn count_map_case<S: Subject>(s: &S, c: &MapCase, batch: usize) {
     let (iova0, pa0) = (IOVA_BASE + c.off, PA_BASE + c.off);
     for j in 0..batch as u64 {
-        black_box(counted_map(s, iova0 + j * c.stride, pa0 + j * c.stride, c.len));
+        black_box(counted_map(
+            s,
+            iova0 + j * c.stride,
+            pa0 + j * c.stride,
+            c.len,
+        ));
     }
     for j in 0..batch as u64 {
         black_box(counted_unmap(s, iova0 + j * c.stride, c.len));
     }
-    eprintln!("[count] {} ({}): {batch} map and {batch} unmap calls", c.map, S::name());
+    eprintln!(
+        "[count] {} ({}): {batch} map and {batch} unmap calls",
+        c.map,
+        S::name()
+    );
 }
 
 fn run_map_case<S: Subject>(o: &Opts, c: &MapCase) -> (Vec<f64>, u64) {
@@ -377,7 +386,10 @@ fn run_churn<S: Subject>(o: &Opts) -> f64 {
             counted_map(&s, iova, iova - IOVA_BASE + PA_BASE, PAGE_4K);
             black_box(counted_unmap(&s, iova, PAGE_4K));
         }
-        eprintln!("[count] churn_4k ({}): {batch} map and {batch} unmap calls", S::name());
+        eprintln!(
+            "[count] churn_4k ({}): {batch} map and {batch} unmap calls",
+            S::name()
+        );
     }
     ns
 }
