@@ -26,6 +26,11 @@
 //! - bits 61:52: ignored by hardware in non-leaf entries. iovmm keeps, in each *table* entry, the number
 //!   of non-zero entries in the table it points to (0..=512), so an emptied table is freed without
 //!   scanning it. Leaf entries leave these bits clear.
+//! - bits 63, 62, 11:8 and 6:3: ignored by hardware in non-leaf entries. iovmm keeps in them, when it knows
+//!   it, where the non-zero entries of the table it points to are: bit 63 `RUN` says they are exactly the
+//!   `count` entries from index `lo` on, all leaves; `lo` (9 bits) is bits 6:3 (its bits 3:0), 11:8 (7:4)
+//!   and 62 (8). Writers use it to map and unmap runs of entries without reading them ([`run_of`]).
+//!   Leaf entries leave these bits clear.
 //!
 //! Only this module knows these bits; the walker in `walk.rs` asks it.
 
@@ -50,6 +55,11 @@ const COUNT_SHIFT: u32 = 52;
 const COUNT_MASK: u64 = 0x3ff;
 /// One unit of the software child count kept in bits 61:52 of a table entry.
 pub const COUNT_ONE: u64 = 1 << COUNT_SHIFT;
+/// In a table entry: its table's non-zero entries are one run of leaves, starting at the index kept in
+/// [`RUN_LO`] (software bit 63).
+pub const RUN: u64 = 1 << 63;
+/// The software bits of a table entry that hold the first index of its table's run (see [`run_of`]).
+pub const RUN_LO: u64 = (0xf << 3) | (0xf << 8) | (1 << 62);
 
 /// log2 of the span of one entry at `level`.
 #[inline(always)]
@@ -131,6 +141,29 @@ pub const fn count(e: u64) -> u64 {
     (e >> COUNT_SHIFT) & COUNT_MASK
 }
 
+/// Where the non-zero entries of the table a table entry points to are, when the writer knows it: `Some(lo)`
+/// when they are exactly entries `lo..lo + count(e)`, all of them leaves.
+#[inline(always)]
+pub const fn run_of(e: u64) -> Option<usize> {
+    if e & RUN == 0 {
+        return None;
+    }
+    Some((((e >> 3) & 0xf) | ((e >> 8) & 0xf) << 4 | ((e >> 62) & 1) << 8) as usize)
+}
+
+/// Table entry `e` with its run set to `run` (see [`run_of`]).
+#[inline(always)]
+pub const fn with_run(e: u64, run: Option<usize>) -> u64 {
+    let e = e & !(RUN | RUN_LO);
+    match run {
+        None => e,
+        Some(lo) => {
+            let lo = lo as u64;
+            e | RUN | (lo & 0xf) << 3 | ((lo >> 4) & 0xf) << 8 | ((lo >> 8) & 1) << 62
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +189,13 @@ mod tests {
         assert_eq!(count(t), 512);
         assert_eq!(count(t - COUNT_ONE), 511);
         assert!(!is_present(0));
+        assert_eq!(run_of(t), None);
+        for lo in [0, 1, 15, 16, 255, 256, 300, 511] {
+            let r = with_run(t, Some(lo));
+            assert_eq!(run_of(r), Some(lo));
+            assert!(is_present(r) && !is_leaf(3, r));
+            assert_eq!((addr(r), count(r)), (0x7f00_0000_0000, 512));
+            assert_eq!(with_run(r, None), t);
+        }
     }
 }

@@ -38,7 +38,9 @@
 //!
 //! Runs of entries (2 MiB-or-more maps and unmaps) are scanned by the writer with plain vector loads and
 //! written with 16-byte atomic stores where the CPU documents them; the argument that this stays within
-//! Rust's memory model is in `run.rs`.
+//! Rust's memory model is in `run.rs`. A table entry also records, when the writer knows it, where the
+//! entries of its table are (one run of leaves, in bits the walk ignores: [`format::run_of`]), so that runs
+//! mapped and unmapped again in the same table need not read the entries at all (`walk.rs`).
 //!
 //! # Memory
 //! Keeping emptied tables linked trades memory for speed: a driver that maps and unmaps single pages (a
@@ -505,7 +507,8 @@ impl IoPageTable {
         };
         let added = walk::map(d.table, d.level, iova, end, paddr, &mut cx);
         let stats = cx.stats;
-        d.add_to_parent(added, &mut w.pool);
+        // (Where the covering table's entries are is not known after the general path.)
+        d.add_to_parent(added, None, &mut w.pool);
         // Idle tables replaced by larger leaves: reusable after the sync.
         let freed = w.pool.pending() - pending;
         drop(w);
@@ -558,8 +561,10 @@ impl IoPageTable {
             }
         }
         let pending = w.pool.pending();
-        let (removed, bytes) = walk::unmap(d.table, d.level, iova, end, d.live(), &mut w.pool);
-        d.remove_from_parent(removed, &mut w.pool);
+        let (live, run) = d.live_run();
+        let (removed, bytes, run) =
+            walk::unmap(d.table, d.level, iova, end, live, run, &mut w.pool);
+        d.remove_from_parent(removed, run, &mut w.pool);
         if w.pool.idle_limit() {
             self.reclaim_locked(&mut w.pool);
         }

@@ -10,13 +10,21 @@
 //!
 //! Writer-side scans of runs of entries ([`plain`]) use plain (non-atomic) loads, and runs of stores use
 //! 16-byte atomic stores where the CPU documents them: see `run.rs` for why both are sound.
+//!
+//! Where the entries of a table are: a table entry counts the non-zero entries of its table and, when the
+//! writer knows it, says they are one run of leaves from a given index on ([`fmt::run_of`]). Map and unmap
+//! on the covering table (the fast paths, and unmap's general path there) keep that run up to date, so a
+//! run of entries mapped or unmapped there needs no reading of the entries; every other store that changes
+//! which entries of a table are non-zero, or links a table into it, clears the run in the entry linking
+//! the table, with the store that updates its count. (In debug builds every use of a run checks it against
+//! the entries.)
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
 use super::format::{
     self as fmt, addr, can_be_leaf, count, index, is_leaf, is_present, leaf_flags, level_shift,
-    level_size, table_entry, COUNT_ONE, ENTRIES,
+    level_size, run_of, table_entry, with_run, COUNT_ONE, ENTRIES,
 };
 use super::pool::{Pool, Table};
 use super::run;
@@ -111,6 +119,24 @@ impl<'a> Descent<'a> {
         self.parent.map(|p| count(p.load(Relaxed)))
     }
 
+    /// Where the covering table's non-zero entries are, if known (`None` for the root): see
+    /// [`fmt::run_of`].
+    #[inline(always)]
+    pub(crate) fn run(&self) -> Option<usize> {
+        self.parent.and_then(|p| run_of(p.load(Relaxed)))
+    }
+
+    /// The covering table's count and run, as [`Descent::live`] and [`Descent::run`] (the run is checked
+    /// against the entries in debug builds).
+    #[inline(always)]
+    pub(crate) fn live_run(&self) -> (Option<u64>, Option<usize>) {
+        let (live, run) = (self.live(), self.run());
+        if let (Some(l), Some(lo)) = (live, run) {
+            debug_assert!(run_matches(self.table, self.level, lo, l), "stale run");
+        }
+        (live, run)
+    }
+
     /// End of the covering table's span (the range's `iova` lies in it).
     #[inline(always)]
     pub(crate) fn span_end(&self, iova: u64) -> u64 {
@@ -118,15 +144,19 @@ impl<'a> Descent<'a> {
         (iova & !(span - 1)) + span
     }
 
-    /// `added` entries of the covering table went from zero to non-zero: count them in its parent entry.
+    /// `added` entries of the covering table went from zero to non-zero: count them in its parent entry,
+    /// which records `run` as where the table's entries now are ([`fmt::run_of`]; `None`: not known).
     #[inline(always)]
-    pub(crate) fn add_to_parent(&self, added: u64, pool: &mut Pool) {
-        if let (Some(p), true) = (self.parent, added != 0) {
+    pub(crate) fn add_to_parent(&self, added: u64, run: Option<usize>, pool: &mut Pool) {
+        if let Some(p) = self.parent {
             let e = p.load(Relaxed);
-            if count(e) == 0 {
+            if added != 0 && count(e) == 0 {
                 pool.idle -= 1;
             }
-            p.store(e + added * COUNT_ONE, Release);
+            let new = with_run(e + added * COUNT_ONE, run);
+            if new != e {
+                p.store(new, Release);
+            }
         }
     }
 
@@ -134,16 +164,65 @@ impl<'a> Descent<'a> {
     /// empty stays linked (idle, see the pool): the range lies inside its span without covering it (else
     /// the descent would have stopped above it), and a range that covers a table's whole span frees it in
     /// [`unmap`].
+    /// `run`: as in [`Descent::add_to_parent`].
     #[inline(always)]
-    pub(crate) fn remove_from_parent(&self, removed: u64, pool: &mut Pool) {
-        if let (Some(p), true) = (self.parent, removed != 0) {
+    pub(crate) fn remove_from_parent(&self, removed: u64, run: Option<usize>, pool: &mut Pool) {
+        if let Some(p) = self.parent {
             let e = p.load(Relaxed);
-            if count(e) == removed {
+            if removed != 0 && count(e) == removed {
                 pool.idle += 1;
             }
-            p.store(e - removed * COUNT_ONE, Release);
+            let new = with_run(e - removed * COUNT_ONE, run);
+            if new != e {
+                p.store(new, Release);
+            }
         }
     }
+}
+
+/// The run of a table whose `live` non-zero entries were at `run` (see [`fmt::run_of`]) after leaves were
+/// written into its free entries `from..to`.
+#[inline(always)]
+fn run_after_map(run: Option<usize>, live: u64, from: usize, to: usize) -> Option<usize> {
+    match run {
+        _ if live == 0 => Some(from),
+        Some(lo) if from == lo + live as usize => Some(lo),
+        Some(lo) if to == lo => Some(from),
+        _ => None,
+    }
+}
+
+/// A table's `live` non-zero entries are the run `lo..lo + live` (see [`fmt::run_of`]) and its entries
+/// `from..to` are about to be zeroed: the first of them that is non-zero, how many are, and the run left.
+#[inline(always)]
+fn run_cut(lo: usize, live: u64, from: usize, to: usize) -> (usize, u64, Option<usize>) {
+    let hi = lo + live as usize;
+    let (a, b) = (from.max(lo), to.min(hi));
+    if a >= b {
+        return (a, 0, Some(lo));
+    }
+    let left = if a == lo {
+        Some(b)
+    } else if b == hi {
+        Some(lo)
+    } else {
+        None // a hole in the middle
+    };
+    (a, (b - a) as u64, left)
+}
+
+/// Whether the non-zero entries of `t` at `level` are exactly `lo..lo + live`, all leaves (debug checks of
+/// [`fmt::run_of`]).
+fn run_matches(t: &Table, level: u32, lo: usize, live: u64) -> bool {
+    t.e.iter().enumerate().all(|(i, e)| {
+        let e = e.load(Relaxed);
+        let inside = (lo..lo + live as usize).contains(&i);
+        if inside {
+            e != 0 && is_leaf(level, e)
+        } else {
+            e == 0
+        }
+    })
 }
 
 /// One step of a map range's decomposition at one table level (the `iommu_pgsize` rule: the largest page
@@ -364,7 +443,12 @@ pub(crate) fn map(t: &Table, level: u32, cur: u64, end: u64, pa: u64, cx: &mut M
                     cx.stats.tables_allocated += 1;
                     // SAFETY: a page of the live pool.
                     let c = map(unsafe { new.as_ref() }, level - 1, iova, end, pa, cx);
-                    t.e[idx].store(table_entry(new.as_ptr() as u64, c), Release);
+                    // A fresh table that got one run of leaves of its own level: its entry says where.
+                    let size = level_size(level - 1);
+                    let run = (can_be_leaf(level - 1)
+                        && (iova | pa | (end - iova)) & (size - 1) == 0)
+                        .then(|| index(iova, level - 1));
+                    t.e[idx].store(with_run(table_entry(new.as_ptr() as u64, c), run), Release);
                     added += 1;
                 } else {
                     debug_assert!(!is_leaf(level, e), "plan_map let a map over a leaf through");
@@ -373,7 +457,8 @@ pub(crate) fn map(t: &Table, level: u32, cur: u64, end: u64, pa: u64, cx: &mut M
                     if count(e) == 0 && c != 0 {
                         cx.pool.idle -= 1;
                     }
-                    t.e[idx].store(e + c * COUNT_ONE, Release);
+                    // (Entries of the child changed: where they are is not known any more.)
+                    t.e[idx].store(with_run(e + c * COUNT_ONE, None), Release);
                 }
             }
         }
@@ -400,22 +485,35 @@ pub(crate) fn map_run(
     let idx = index(iova, level);
     let n = (len >> level_shift(level)) as usize;
     if n == 1 {
-        // One leaf: no run loops.
+        // One leaf: no run loops, and only the cheapest bookkeeping of where the entries are.
         let slot = &d.table.e[idx];
         if slot.load(Relaxed) != 0 {
             return None;
         }
         slot.store(pa | leaf_flags(level, perm), Release);
+        let run = (d.live() == Some(0)).then_some(idx);
+        d.add_to_parent(1, run, pool);
     } else {
+        let (live, run) = d.live_run();
         // Descent stops where the range spans several entries, or one entry that is not a table; with an
         // aligned range that is only ever a run within this table.
-        // An empty table (parent count zero: a fresh or idle one) needs no scan.
-        if idx + n > ENTRIES || (d.live() != Some(0) && or_entries(d.table, idx, n) != 0) {
+        if idx + n > ENTRIES {
+            return None;
+        }
+        // Are the entries free? Known without reading them when the table is empty (a fresh or idle one)
+        // or when its entry says where its entries are.
+        let free = match (live, run) {
+            (Some(0), _) => true,
+            (Some(l), Some(lo)) => idx + n <= lo || idx >= lo + l as usize,
+            _ => or_entries(d.table, idx, n) == 0,
+        };
+        if !free {
             return None;
         }
         write_leaves(d.table, level, idx, n, pa, perm);
+        let run = live.and_then(|l| run_after_map(run, l, idx, idx + n));
+        d.add_to_parent(n as u64, run, pool);
     }
-    d.add_to_parent(n as u64, pool);
     let mut stats = MapStats::default();
     stats.count_leaves(level, n as u64);
     Some(stats)
@@ -427,7 +525,8 @@ pub(crate) fn map_run(
 /// general path, which frees it).
 #[inline(always)]
 pub(crate) fn unmap_one(d: &Descent, iova: u64, pool: &mut Pool) -> Option<u64> {
-    let slot = &d.table.e[index(iova, d.level)];
+    let idx = index(iova, d.level);
+    let slot = &d.table.e[idx];
     let e = slot.load(Relaxed);
     if e == 0 {
         return Some(0);
@@ -436,7 +535,8 @@ pub(crate) fn unmap_one(d: &Descent, iova: u64, pool: &mut Pool) -> Option<u64> 
         return None;
     }
     slot.store(0, Release);
-    d.remove_from_parent(1, pool);
+    // (Where the entries are left is not worth working out for one entry.)
+    d.remove_from_parent(1, None, pool);
     Some(level_size(d.level))
 }
 
@@ -465,19 +565,30 @@ pub(crate) fn leaf_at(t: &Table, level: u32, iova: u64) -> Option<(u64, u64)> {
 /// Returns (entries of `t` that became zero, bytes unmapped).
 ///
 /// `live` is the number of non-zero entries of `t` when known (its parent entry's count): a leaf table
-/// that is full, or empty, needs no scan.
+/// that is full, or empty, needs no scan; nor does one whose `run` is known ([`fmt::run_of`]). Returns the
+/// run of `t` afterwards too, when known.
 pub(crate) fn unmap(
     t: &Table,
     level: u32,
     cur: u64,
     end: u64,
     live: Option<u64>,
+    run: Option<usize>,
     pool: &mut Pool,
-) -> (u64, u64) {
+) -> (u64, u64, Option<usize>) {
     let shift = level_shift(level);
     let size = 1u64 << shift;
     let first = index(cur, level);
     let last = index(end - 1, level);
+    if let (Some(l), Some(lo)) = (live, run) {
+        // The non-zero entries are the run, all leaves. Entries only partly covered (the first and the
+        // last, above level 1) are zero: a leaf there would be cut, which the caller refused.
+        let (from, removed, left) = run_cut(lo, l, first, last + 1);
+        if removed != 0 {
+            zero_entries(t, from, removed as usize);
+        }
+        return (removed, removed << shift, left);
+    }
     if level == 1 {
         let n = last + 1 - first;
         // (A count equal to the run's length says nothing: some of them may lie outside the run.)
@@ -488,14 +599,14 @@ pub(crate) fn unmap(
         };
         let removed = match known {
             Some(true) => n as u64,
-            Some(false) => return (0, 0),
+            Some(false) => return (0, 0, None),
             None => t.e[first..=last]
                 .iter()
                 .map(|e| (e.load(Relaxed) != 0) as u64)
                 .sum(),
         };
         zero_entries(t, first, n);
-        return (removed, removed << 12);
+        return (removed, removed << 12, None);
     }
     let (mut removed, mut bytes) = (0u64, 0u64);
     let base = cur & !((size << 9) - 1);
@@ -514,12 +625,13 @@ pub(crate) fn unmap(
         }
         // SAFETY: present non-leaf entry; the writer lock is held.
         let c = unsafe { child(e) };
-        let (r, b) = unmap(
+        let (r, b, _) = unmap(
             c,
             level - 1,
             cur.max(lo(i)),
             end.min(lo(i) + size),
             Some(count(e)),
+            None,
             pool,
         );
         *bytes += b;
@@ -527,7 +639,7 @@ pub(crate) fn unmap(
             if r == count(e) {
                 pool.idle += 1;
             }
-            t.e[i].store(e - r * COUNT_ONE, Release);
+            t.e[i].store(with_run(e - r * COUNT_ONE, None), Release);
         }
     };
     // Fully covered entries: leaves are just cleared (a vectorized count, then a run of stores when there
@@ -585,7 +697,7 @@ pub(crate) fn unmap(
             partial(last, &mut bytes, pool);
         }
     }
-    (removed, bytes)
+    (removed, bytes, None)
 }
 
 /// Release an unlinked, cleared table whose parent entry counted `count` entries (0: it was idle).
@@ -670,7 +782,7 @@ pub(crate) fn reclaim_idle(t: &Table, level: u32, pool: &mut Pool) -> u64 {
             release(c, n, pool);
             removed += 1;
         } else if r != 0 {
-            slot.store(e - r * COUNT_ONE, Release);
+            slot.store(with_run(e - r * COUNT_ONE, None), Release);
         }
     }
     removed
