@@ -178,8 +178,34 @@ mod x86 {
         }
     }
 
+    /// Four 16-byte aligned stores of `v[0..4]` at `p`, `p + 16`, `p + 32`, `p + 48` (eight entries), in
+    /// that order: [`store16`] four times, with one address register.
+    ///
+    /// # Safety
+    /// `p` must be 16-byte aligned and point at eight entries of a live table; the CPU must pass
+    /// [`wide_stores_atomic`].
+    #[inline(always)]
+    unsafe fn store16x4(p: *const AtomicU64, v: [__m128i; 4]) {
+        // SAFETY: as in `store16`, for each of the four pairs of entries.
+        unsafe {
+            asm!(
+                "movdqa xmmword ptr [{p}], {a}",
+                "movdqa xmmword ptr [{p} + 16], {b}",
+                "movdqa xmmword ptr [{p} + 32], {c}",
+                "movdqa xmmword ptr [{p} + 48], {d}",
+                p = in(reg) p,
+                a = in(xmm_reg) v[0],
+                b = in(xmm_reg) v[1],
+                c = in(xmm_reg) v[2],
+                d = in(xmm_reg) v[3],
+                options(nostack, preserves_flags)
+            );
+        }
+    }
+
     /// [`super::store_run`] with 16-byte stores: an 8-byte atomic store for an odd first entry and an odd
-    /// last entry, 16-byte stores (four per iteration) between.
+    /// last entry, 16-byte stores (four per iteration, one address register, four values advanced in place)
+    /// between.
     ///
     /// # Safety
     /// The CPU must pass [`wide_stores_atomic`].
@@ -194,31 +220,37 @@ mod x86 {
         }
         let pairs = run.len() / 2;
         let two = step.wrapping_mul(2) as i64;
-        let mut v = _mm_set_epi64x(out.wrapping_add(step) as i64, out as i64);
+        let v = _mm_set_epi64x(out.wrapping_add(step) as i64, out as i64);
         let inc = _mm_set1_epi64x(two);
         let inc2 = _mm_add_epi64(inc, inc);
-        let p = run.as_ptr();
-        let mut i = 0;
-        while i + 4 <= pairs {
-            let v1 = _mm_add_epi64(v, inc);
-            let v2 = _mm_add_epi64(v, inc2);
-            let v3 = _mm_add_epi64(v1, inc2);
-            // SAFETY: entries 2i..2i+8 are in `run` (i + 4 <= pairs), 16-byte aligned (p is, entries are
-            // 8 bytes); the caller checked the CPU.
+        let inc4 = _mm_add_epi64(inc2, inc2);
+        // The values of the next four pairs, each advanced in place by four pairs per iteration.
+        let mut next = [
+            v,
+            _mm_add_epi64(v, inc),
+            _mm_add_epi64(v, inc2),
+            _mm_add_epi64(_mm_add_epi64(v, inc2), inc),
+        ];
+        let mut p = run.as_ptr();
+        // SAFETY: pairs / 4 * 8 <= run.len(): one past the last group of eight entries, in `run`.
+        let end = unsafe { p.add(pairs / 4 * 8) };
+        while p != end {
+            // SAFETY: the eight entries from p are in `run` (p is before `end`), 16-byte aligned (run's
+            // start is, and p advances by 64 bytes); the caller checked the CPU.
             unsafe {
-                store16(p.add(2 * i), v);
-                store16(p.add(2 * i + 2), v1);
-                store16(p.add(2 * i + 4), v2);
-                store16(p.add(2 * i + 6), v3);
+                store16x4(p, next);
+                p = p.add(8);
             }
-            v = _mm_add_epi64(v2, inc2);
-            i += 4;
+            for v in &mut next {
+                *v = _mm_add_epi64(*v, inc4);
+            }
         }
-        while i < pairs {
-            // SAFETY: as above, entries 2i, 2i+1.
-            unsafe { store16(p.add(2 * i), v) };
-            v = _mm_add_epi64(v, inc);
-            i += 1;
+        for &v in &next[..pairs % 4] {
+            // SAFETY: as above, the next two entries (fewer than four pairs are left).
+            unsafe {
+                store16(p, v);
+                p = p.add(2);
+            }
         }
         if run.len() % 2 == 1 {
             let last = out.wrapping_add((2 * pairs as u64).wrapping_mul(step));
