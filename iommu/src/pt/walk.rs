@@ -485,14 +485,14 @@ pub(crate) fn map_run(
     let idx = index(iova, level);
     let n = (len >> level_shift(level)) as usize;
     if n == 1 {
-        // One leaf: no run loops, and only the cheapest bookkeeping of where the entries are.
+        // One leaf: no run loops, and no bookkeeping of where the entries are (single pages do not go
+        // back as runs).
         let slot = &d.table.e[idx];
         if slot.load(Relaxed) != 0 {
             return None;
         }
         slot.store(pa | leaf_flags(level, perm), Release);
-        let run = (d.live() == Some(0)).then_some(idx);
-        d.add_to_parent(1, run, pool);
+        d.add_to_parent(1, None, pool);
     } else {
         let (live, run) = d.live_run();
         // Descent stops where the range spans several entries, or one entry that is not a table; with an
