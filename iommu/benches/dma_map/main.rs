@@ -2,9 +2,8 @@
 //! and of baseline 1 (a `BTreeMap` interval map, `baseline.rs`) in the same run.
 //!
 //! Run it through `scripts/bench dma-map` (which adds Linux's numbers and draws the chart), or directly:
-//! `cargo bench -p iommu --bench dma_map -- [--quick] [--json FILE] [--samples N] [--only CASE,..] [--floors]
-//! [--count]`. `--floors` also times the locked instructions and stores that no page table with a writer lock
-//! and a generation counter can drop (`floors.rs`). `--count` adds one untimed batch per map case and churn (ours only) through the never-inlined `counted_map` /
+//! `cargo bench -p iommu --bench dma_map -- [--quick] [--json FILE] [--samples N] [--only CASE,..] [--count]`.
+//! `--count` adds one untimed batch per map case and churn (ours only) through the never-inlined `counted_map` /
 //! `counted_unmap`, for instruction counts under valgrind (docs/benchmarks.md, "What changed").
 //! Without `--bench` on its command line (as under `cargo test --all-targets`) it runs every case once
 //! with tiny batches as a smoke test, checking that both structures give the same answers.
@@ -17,7 +16,6 @@
 //! leaves fit), except the translate window, whose output is skewed by 4 KiB so that only 4 KiB leaves fit.
 
 mod baseline;
-mod floors;
 
 use std::hint::black_box;
 use std::io::Write;
@@ -208,8 +206,6 @@ struct Opts {
     json: Option<String>,
     /// Run one more, untimed, batch of each map case and of churn through `counted_map`/`counted_unmap`.
     count: bool,
-    /// Also time the floors (`floors.rs`) and print them after the table.
-    floors: bool,
 }
 
 /// One result line.
@@ -419,7 +415,6 @@ fn main() {
         only: None,
         json: None,
         count: false,
-        floors: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -432,7 +427,6 @@ fn main() {
             "--samples" => o.samples = it.next().and_then(|s| s.parse().ok()).unwrap_or(o.samples),
             "--json" => o.json = it.next().cloned(),
             "--count" => o.count = true,
-            "--floors" => o.floors = true,
             "--only" => o.only = it.next().map(|s| s.split(',').map(String::from).collect()),
             other => {
                 eprintln!("dma_map: ignoring unknown argument '{other}'");
@@ -525,12 +519,6 @@ fn main() {
             r.base,
             r.base / r.ours
         );
-    }
-    if o.floors {
-        println!("floors (median ns per call; see iommu/benches/dma_map/floors.rs):");
-        for (name, ns) in floors::measure(o.samples) {
-            println!("{name:<16} {ns:>12.2}");
-        }
     }
     if let Some(path) = &o.json {
         let mut out = String::new();
