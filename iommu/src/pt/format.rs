@@ -26,11 +26,12 @@
 //! - bits 61:52: ignored by hardware in non-leaf entries. iovmm keeps, in each *table* entry, the number
 //!   of non-zero entries in the table it points to (0..=512), so an emptied table is freed without
 //!   scanning it. Leaf entries leave these bits clear.
-//! - bits 63, 62, 11:8 and 6:3: ignored by hardware in non-leaf entries. iovmm keeps in them, when it knows
-//!   it, where the non-zero entries of the table it points to are: bit 63 `RUN` says they are exactly the
-//!   `count` entries from index `lo` on, all leaves; `lo` (9 bits) is bits 6:3 (its bits 3:0), 11:8 (7:4)
-//!   and 62 (8). Writers use it to map and unmap runs of entries without reading them ([`run_of`]).
-//!   Leaf entries leave these bits clear.
+//! - bits 63, 62, 11:8 and 6:3: ignored by hardware in non-leaf entries (bit 8 is the accessed flag when
+//!   second-stage accessed/dirty flags are enabled, which nothing that walks these tables does). iovmm
+//!   keeps in them, when it knows it, where the non-zero entries of the table it points to are: bit 63
+//!   `RUN` says they are exactly the `count` entries from index `lo` on, all leaves; `lo` (9 bits) is bits
+//!   6:3 (its bits 3:0), 11:8 (7:4) and 62 (8). Writers use it to map and unmap runs of entries without
+//!   reading them ([`run_of`]). Leaf entries leave these bits clear.
 //!
 //! Only this module knows these bits; the walker in `walk.rs` asks it.
 
