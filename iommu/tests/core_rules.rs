@@ -672,6 +672,75 @@ fn release_without_release_domain_only_calls_release_device() {
 }
 
 #[test]
+fn release_attaches_identity_release_domain_when_the_instance_names_it() {
+    let r = rig(Cfg {
+        release: Some(StaticDomain::Identity),
+        ..Cfg::default()
+    });
+    let d = r.probe("a");
+    let g = r.group(d);
+    r.core.claim_dma_owner(g, VM).unwrap();
+    let dom = r.core.alloc_paging(r.inst).unwrap();
+    r.core.attach(g, VM, Target::Paging(&dom)).unwrap();
+    r.hw.clear();
+    r.core.release_device(d).unwrap();
+    assert_eq!(
+        r.hw.log(),
+        vec![
+            format!("attach {d} identity"),
+            format!("release {d}"),
+            "free paging1".to_string()
+        ]
+    );
+    r.core.free(dom).unwrap();
+}
+
+#[test]
+fn release_device_is_not_called_when_the_release_domain_attach_fails() {
+    let r = rig(Cfg::default());
+    let d = r.probe("a");
+    let g = r.group(d);
+    r.core.claim_dma_owner(g, VM).unwrap();
+    let dom = r.core.alloc_paging(r.inst).unwrap();
+    r.core.attach(g, VM, Target::Paging(&dom)).unwrap();
+    r.hw.fail_attach.lock().unwrap().insert(d);
+    r.hw.clear();
+    let err = r.core.release_device(d).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CoreError::Driver {
+                op: "attach_dev",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // release_device did not run on a device still translating through the guest's domain, and
+    // that domain cannot be freed under it.
+    assert_eq!(r.hw.log(), vec![format!("attach {d} blocked FAILED")]);
+    assert_eq!(
+        r.core.device_status(d).unwrap().domain.unwrap().id,
+        dom.id()
+    );
+    let refused = r.core.free(dom).unwrap_err();
+    assert!(matches!(refused.error, CoreError::StillAttached { .. }));
+    // Once the release domain can be attached, the release completes in order.
+    r.hw.fail_attach.lock().unwrap().clear();
+    r.hw.clear();
+    r.core.release_device(d).unwrap();
+    assert_eq!(
+        r.hw.log(),
+        vec![
+            format!("attach {d} blocked"),
+            format!("release {d}"),
+            "free paging1".to_string()
+        ]
+    );
+    r.core.free(refused.domain).unwrap();
+}
+
+#[test]
 fn release_of_require_direct_uses_identity_instead_of_blocked() {
     let mut drv = TestIommu::new(Cfg::default());
     drv.resv.insert("rmr".into(), vec![direct_region()]);
@@ -721,6 +790,30 @@ fn blocked_attach_refused_for_require_direct_with_reason() {
     assert!(msg.contains("firmware requires a 1:1 mapping"), "{msg}");
     assert!(msg.contains("rmr"), "{msg}");
     assert!(r.calls().is_empty());
+    assert_eq!(r.core.group_owner(g).unwrap(), DmaOwner::Host);
+}
+
+#[test]
+fn blocked_attach_refused_for_require_direct_without_static_blocked_domain() {
+    let mut drv = TestIommu::new(Cfg {
+        blocked: false,
+        release: None,
+        ..Cfg::default()
+    });
+    drv.resv.insert("rmr".into(), vec![direct_region()]);
+    let r = rig_with(drv);
+    let d = r.probe("rmr");
+    let g = r.group(d);
+    r.calls();
+    // The group's blocking domain is an empty paging domain here: it blocks as the static one does,
+    // so it is refused the same way.
+    let err = r.core.claim_dma_owner(g, VM).unwrap_err();
+    assert!(
+        matches!(err, CoreError::RequireDirect { dev, .. } if dev == d),
+        "{err}"
+    );
+    assert!(!r.calls().iter().any(|c| c.0 == "attach_dev"));
+    assert_eq!(r.hw.rid_of(d), Some("paging1".into()));
     assert_eq!(r.core.group_owner(g).unwrap(), DmaOwner::Host);
 }
 
@@ -788,6 +881,29 @@ fn iopf_refcount_checked_on_blocked_and_identity_attach() {
     ));
     r.core.iopf_put(d).unwrap();
     r.core.attach(g, VM, Target::Identity).unwrap();
+}
+
+#[test]
+fn iopf_refcount_checked_on_blocked_attach_without_static_blocked_domain() {
+    let r = rig(Cfg {
+        blocked: false,
+        release: None,
+        ..Cfg::default()
+    });
+    let d = r.probe("a");
+    let g = r.group(d);
+    // The group's blocking domain is an empty paging domain: checked as a blocked one.
+    r.core.iopf_get(d).unwrap();
+    r.calls();
+    let err = r.core.claim_dma_owner(g, VM).unwrap_err();
+    assert!(
+        matches!(err, CoreError::IopfRefcount { dev, count: 1, .. } if dev == d),
+        "{err}"
+    );
+    assert!(!r.calls().iter().any(|c| c.0 == "attach_dev"));
+    assert_eq!(r.core.group_owner(g).unwrap(), DmaOwner::Host);
+    r.core.iopf_put(d).unwrap();
+    r.core.claim_dma_owner(g, VM).unwrap();
 }
 
 #[test]
@@ -868,6 +984,58 @@ fn pasid_exit_handler_called_per_device_before_domain_removed() {
 }
 
 #[test]
+fn pasid_exit_handler_called_only_for_the_pasids_of_the_ended_address_space() {
+    let r = rig(Cfg::default());
+    let d = r.probe("a");
+    let ended = r.core.alloc_sva(d, AddressSpaceId(1)).unwrap();
+    let other = r.core.alloc_sva(d, AddressSpaceId(2)).unwrap();
+    let dom = r.core.alloc_paging(r.inst).unwrap();
+    r.core
+        .set_dev_pasid(d, Pasid(1), PasidTarget::Sva(&ended))
+        .unwrap();
+    r.core
+        .set_dev_pasid(d, Pasid(2), PasidTarget::Sva(&other))
+        .unwrap();
+    r.core
+        .set_dev_pasid(d, Pasid(3), PasidTarget::Paging(&dom))
+        .unwrap();
+    let hw = r.hw.clone();
+    r.core
+        .set_pasid_exit_handler(
+            d,
+            Arc::new(move |d, what| {
+                hw.push(format!("handler {d} {what:?}"));
+                Ok(())
+            }),
+        )
+        .unwrap();
+    r.hw.clear();
+    let removed = r.core.address_space_exit(AddressSpaceId(1)).unwrap();
+    assert_eq!(removed, vec![(d, Pasid(1))]);
+    assert_eq!(
+        r.hw.log(),
+        vec![
+            format!("handler {d} {:?}", PasidExit::Pasid(Pasid(1))),
+            format!("set_pasid {d} pasid1 blocked"),
+        ]
+    );
+    let left: Vec<Pasid> = r
+        .core
+        .device_status(d)
+        .unwrap()
+        .pasids
+        .iter()
+        .map(|(p, _)| *p)
+        .collect();
+    assert_eq!(left, vec![Pasid(2), Pasid(3)]);
+    r.core.free(ended).unwrap();
+    r.core.remove_dev_pasid(d, Pasid(2)).unwrap();
+    r.core.remove_dev_pasid(d, Pasid(3)).unwrap();
+    r.core.free(other).unwrap();
+    r.core.free(dom).unwrap();
+}
+
+#[test]
 fn pasid_exit_handler_told_all_before_release_removes_pasids() {
     let r = rig(Cfg::default());
     let d = r.probe("a");
@@ -904,6 +1072,41 @@ fn pasid_exit_handler_told_all_before_release_removes_pasids() {
     );
     r.core.free(sva).unwrap();
     r.core.free(dom).unwrap();
+}
+
+#[test]
+fn pasid_exit_handler_told_all_before_giving_back_removes_pasids() {
+    let r = rig(Cfg::default());
+    let d = r.probe("a");
+    let g = r.group(d);
+    r.core.claim_dma_owner(g, VM).unwrap();
+    let sva = r.core.alloc_sva(d, AddressSpaceId(3)).unwrap();
+    r.core
+        .set_dev_pasid(d, Pasid(1), PasidTarget::Sva(&sva))
+        .unwrap();
+    let hw = r.hw.clone();
+    r.core
+        .set_pasid_exit_handler(
+            d,
+            Arc::new(move |d, what| {
+                hw.push(format!("handler {d} {what:?}"));
+                Ok(())
+            }),
+        )
+        .unwrap();
+    r.hw.clear();
+    // The host takes the group back: none of the guest's PASID domains stays on the device.
+    r.core.release_dma_owner(g, VM).unwrap();
+    assert_eq!(
+        r.hw.log(),
+        vec![
+            format!("handler {d} {:?}", PasidExit::All),
+            format!("set_pasid {d} pasid1 blocked"),
+            format!("attach {d} paging1"),
+        ]
+    );
+    assert!(r.core.device_status(d).unwrap().pasids.is_empty());
+    r.core.free(sva).unwrap();
 }
 
 #[test]

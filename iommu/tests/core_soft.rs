@@ -165,6 +165,63 @@ fn fault_log_is_a_bounded_ring_that_counts_what_it_dropped() {
 }
 
 #[test]
+fn translate_faults_through_a_port_are_recorded() {
+    let r = rig();
+    let (d, g) = r.probe("nic", 0x08);
+    r.core.claim_dma_owner(g, VM).unwrap();
+    let mut rid = r.soft.port(d, None);
+    let mut pasid = r.soft.port(d, Some(Pasid(4)));
+    assert_eq!(rid.translate(0x1000, Access::Read), Err(Fault::Blocked));
+    assert_eq!(pasid.translate(0x2000, Access::Read), Err(Fault::NoDomain));
+    let dom = r.core.alloc_paging(r.inst).unwrap();
+    r.core.map(&dom, 0x2000, 0x9000, K4, Prot::READ).unwrap();
+    r.core.attach(g, VM, Target::Paging(&dom)).unwrap();
+    assert_eq!(rid.translate(0x5000, Access::Read), Err(Fault::NotMapped));
+    // A walk, then an IOTLB hit: both refuse and record.
+    assert_eq!(rid.translate(0x2010, Access::Write), Err(Fault::Permission));
+    assert_eq!(rid.translate(0x2010, Access::Write), Err(Fault::Permission));
+    assert_eq!(rid.translate(0x2010, Access::Read), Ok(0x9010)); // not a fault
+    r.core.release_device(d).unwrap();
+    assert_eq!(
+        rid.translate(0x2010, Access::Read),
+        Err(Fault::UnknownDevice)
+    );
+    let faults = r.soft.faults().recent();
+    let got: Vec<_> = faults
+        .iter()
+        .map(|f| (f.fault, f.pasid, f.iova, f.access))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (Fault::Blocked, None, 0x1000, Access::Read),
+            (Fault::NoDomain, Some(Pasid(4)), 0x2000, Access::Read),
+            (Fault::NotMapped, None, 0x5000, Access::Read),
+            (Fault::Permission, None, 0x2010, Access::Write),
+            (Fault::Permission, None, 0x2010, Access::Write),
+            (Fault::UnknownDevice, None, 0x2010, Access::Read),
+        ]
+    );
+    assert!(faults.iter().all(|f| f.dev == d));
+    let c = r.soft.faults().counts();
+    assert_eq!((c.total, c.permission, c.no_domain), (6, 2, 1));
+}
+
+#[test]
+fn every_fault_says_why_in_its_message() {
+    for (fault, why) in [
+        (Fault::Blocked, "blocked"),
+        (Fault::NotMapped, "not mapped"),
+        (Fault::Permission, "not permitted"),
+        (Fault::NoDomain, "no domain"),
+        (Fault::UnknownDevice, "unknown device"),
+    ] {
+        let msg = fault.to_string();
+        assert!(msg.to_lowercase().contains(why), "{fault:?}: {msg}");
+    }
+}
+
+#[test]
 fn map_uses_huge_pages_and_syncs_once() {
     let r = rig();
     let dom = r.core.alloc_paging(r.inst).unwrap();
