@@ -167,3 +167,88 @@ fn translate_concurrently_while_another_thread_maps_and_unmaps_elsewhere() {
     t.reclaim_idle_tables();
     assert_eq!(t.pool_stats().table_pages_in_use, 1);
 }
+
+/// A walker that raced with an unmap may still be inside a table page after that page was freed and
+/// reused, at another level, by a later map. Leaves written there in the page's new life must never be
+/// followed as table pointers: here every reused page is filled with 4 KiB leaves whose output addresses
+/// are not memory of this process, so a walker that followed one would crash. Readers translate in the
+/// region whose tables are freed again and again; they must only ever see its one mapping or nothing.
+#[test]
+fn stale_walkers_never_follow_leaves_of_a_page_reused_at_another_level() {
+    const A: u64 = 1 << 39; // its level-3, level-2 and level-1 tables are freed by every round
+    const B: u64 = 3 << 39; // reuses them, filled with 4K leaves
+    const A_PA: u64 = 0x5000_0000;
+    const POISON: u64 = 0xd_ead0_0000_1000; // 4K-aligned, not 2M-aligned: 4K leaves only; not our memory
+    let t = Arc::new(IoPageTable::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = if cfg!(debug_assertions) {
+        4_000
+    } else {
+        40_000
+    };
+
+    // More readers than CPUs, so that readers are preempted in the middle of walks and resume stale.
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (t, stop) = (t.clone(), stop.clone());
+            thread::spawn(move || {
+                let mut tr = t.translator();
+                let mut seen = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    for off in [0, 0x10, PAGE_4K - 1] {
+                        match tr.translate(A + off, Access::Read) {
+                            Ok(pa) => {
+                                assert_eq!(
+                                    pa,
+                                    A_PA + off,
+                                    "a stale walk returned a wrong translation"
+                                );
+                                seen += 1;
+                            }
+                            Err(e) => assert_eq!(e, TranslateFault::NotMapped { iova: A + off }),
+                        }
+                        if let Some(x) = t.iova_to_phys(A + off) {
+                            assert_eq!(x.paddr, A_PA + off);
+                        }
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+
+    // B's level-3 and level-2 tables stay (a mapping kept there), so each round's 6 MiB of 4K leaves at B
+    // needs exactly three new leaf tables: the three pages A's tables just gave back, whatever their order.
+    let mut g = Gather::new();
+    t.map(B + 100 * PAGE_2M, POISON, PAGE_4K, Prot::READ, &mut g)
+        .unwrap();
+    t.sync(&mut g);
+    for _ in 0..rounds {
+        let mut g = Gather::new();
+        t.map(A, A_PA, PAGE_4K, Prot::READ, &mut g).unwrap();
+        t.sync(&mut g);
+        // Unmapping A's whole 512 GiB span unlinks its three tables; the sync makes them reusable.
+        let mut g = Gather::new();
+        t.unmap(A, 1 << 39, &mut g).unwrap();
+        t.sync(&mut g);
+        // B takes them back as leaf tables full of 4K leaves (no PS bit: read at a directory level they
+        // would look like table links).
+        let mut g = Gather::new();
+        t.map(B, POISON, 3 * PAGE_2M, Prot::READ, &mut g).unwrap();
+        t.sync(&mut g);
+        let mut g = Gather::new();
+        t.unmap(B, 3 * PAGE_2M, &mut g).unwrap();
+        t.sync(&mut g);
+    }
+    let mut g = Gather::new();
+    t.unmap(B, 1 << 39, &mut g).unwrap();
+    t.sync(&mut g);
+    stop.store(true, Ordering::Release);
+    let seen: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    assert!(seen > 0, "the readers saw A mapped");
+    assert_eq!(
+        t.pool_stats().table_pages_in_use,
+        1,
+        "only the root is left"
+    );
+}

@@ -30,6 +30,11 @@
 //! - anything written into T after its reuse is written after that bump, so a walker that reads it then reads
 //!   a newer generation and retries.
 //!
+//! The walker checks the generation before it follows each table pointer, not only at the end: T may have
+//! been reused at another level, where a 4 KiB leaf (no PS bit) looks like a table pointer to a walk at the
+//! old level, and following it would leave the pool (`walk::lookup`). So a stale walker never dereferences
+//! anything but pool pages.
+//!
 //! Syncs with no page to reclaim bump the generation without the lock (a `fetch_add`; the argument above
 //! holds for any mix of such bumps).
 //!
@@ -407,14 +412,16 @@ impl Inner {
     pub(crate) fn walk(&self, iova: u64) -> (Option<(u64, u32)>, u64) {
         loop {
             let g1 = self.gen.0.load(Acquire);
+            let unchanged = || self.gen.0.load(Acquire) == g1;
             let r = if iova < IOVA_LIMIT {
-                walk::lookup(self.root(), iova)
+                walk::lookup(self.root(), iova, unchanged)
             } else {
-                None
+                Some(None)
             };
-            let g2 = self.gen.0.load(Acquire);
-            if g1 == g2 {
-                return (r, g1);
+            if let Some(r) = r {
+                if unchanged() {
+                    return (r, g1);
+                }
             }
         }
     }

@@ -40,16 +40,45 @@ unsafe fn child<'a>(e: u64) -> &'a Table {
     &*(addr(e) as *const Table)
 }
 
-/// Lock-free walk: the leaf entry mapping `iova` and its level, or `None`.
-/// `iova` must be below 2^48.
+/// Lock-free walk: the leaf entry mapping `iova` and its level (`Some(None)`: nothing maps it), or `None`
+/// when `unchanged()` says the table's generation moved before a table pointer was followed (the caller
+/// retries). `iova` must be below 2^48.
+///
+/// Why the check before every step: a walker that raced with an unmap may hold a pointer to a page that
+/// has since been reused, possibly at another level, so an entry it reads there can be a 4 KiB leaf (no PS
+/// bit) that a walk at the old level would take for a table pointer and follow out of the pool. Every
+/// entry of a page's new life is stored (`Release`) after the generation bump that made the page
+/// reusable, so a walker whose `Acquire` load returned such an entry sees that bump in `unchanged()` and
+/// stops before following it. Entries of a page's old life point into the pool or are leaves.
 #[inline(always)]
-pub(crate) fn lookup(root: &Table, iova: u64) -> Option<(u64, u32)> {
-    lookup_from(root, fmt::LEVELS, iova)
+pub(crate) fn lookup(
+    root: &Table,
+    iova: u64,
+    unchanged: impl Fn() -> bool,
+) -> Option<Option<(u64, u32)>> {
+    let (mut t, mut level) = (root, fmt::LEVELS);
+    loop {
+        let e = t.e[index(iova, level)].load(Acquire);
+        if !is_present(e) {
+            return Some(None);
+        }
+        if is_leaf(level, e) {
+            return Some(Some((e, level)));
+        }
+        if !unchanged() {
+            return None;
+        }
+        // SAFETY: a present non-leaf entry, read at the level of the table it was found in: no page on the
+        // way was reused since the walk began (checked just above), so it links a page of the live pool.
+        t = unsafe { child(e) };
+        level -= 1;
+    }
 }
 
-/// [`lookup`] starting at table `t` of `level`, which must span `iova`.
+/// Writer-side walk (the writer lock is held, so no page changes level under it): the leaf entry mapping
+/// `iova` under table `t` of `level`, which must span `iova`, and its level.
 #[inline(always)]
-pub(crate) fn lookup_from(mut t: &Table, mut level: u32, iova: u64) -> Option<(u64, u32)> {
+fn lookup_from(mut t: &Table, mut level: u32, iova: u64) -> Option<(u64, u32)> {
     loop {
         let e = t.e[index(iova, level)].load(Acquire);
         if !is_present(e) {
@@ -58,7 +87,7 @@ pub(crate) fn lookup_from(mut t: &Table, mut level: u32, iova: u64) -> Option<(u
         if is_leaf(level, e) {
             return Some((e, level));
         }
-        // SAFETY: present non-leaf entry of a live table (the caller holds the table's shared state).
+        // SAFETY: present non-leaf entry of a live table, read under the writer lock.
         t = unsafe { child(e) };
         level -= 1;
     }
