@@ -1,5 +1,8 @@
 //! The rules of the model, where each one is enforced, and the tests that fail when it is broken.
 //!
+//! Every rule below was checked by mutation (the check it names inverted or removed, one at a time): some
+//! listed test fails. The compile-fail tests run with `cargo test --doc` (`scripts/test` runs them).
+//!
 //! Tests live in `iommu/tests/core_rules.rs` (over a recording test driver: call order and what
 //! hardware was touched), `iommu/tests/core_soft.rs` (over the `soft` instance and the real page
 //! tables: what a device can reach), and below (what must not compile).
@@ -14,13 +17,13 @@
 //! | No default domain: `set_platform_dma` | seed 001 | [`IommuCore::release_dma_owner`](super::IommuCore::release_dma_owner) | `instance_without_default_uses_set_platform_dma` |
 //! | A group's devices are always in one domain | DESIGN | `set_group_domain` (check all, then apply with rollback) | `group_devices_always_share_domain`, `policy_refusal_in_a_group_touches_no_device`, `functions_of_one_slot_share_a_group_and_translate_alike` |
 //! | Release: no hardware if the deferred attach never happened | seed 000 | [`IommuCore::release_device`](super::IommuCore::release_device) | `release_without_deferred_attach_touches_no_hardware`, `release_after_deferred_attach_attaches_release_domain` |
-//! | Release: release domain before `release_device` | seed 000 | [`IommuCore::release_device`](super::IommuCore::release_device) | `release_attaches_release_domain_before_release_device`, `release_domain_is_attached_in_hardware_before_release_device` |
+//! | Release: release domain before `release_device` | seed 000 | [`IommuCore::release_device`](super::IommuCore::release_device) | `release_attaches_release_domain_before_release_device`, `release_domain_is_attached_in_hardware_before_release_device`, `release_attaches_identity_release_domain_when_the_instance_names_it`, `release_device_is_not_called_when_the_release_domain_attach_fails` |
 //! | Release: identity instead of blocked for require_direct | seed 002 | `release_domain_for` | `release_of_require_direct_uses_identity_instead_of_blocked`, `release_of_require_direct_without_identity_attaches_nothing` |
-//! | Blocked never on a require_direct device, with the reason | seed 002 | `plan_attach` | `blocked_attach_refused_for_require_direct_with_reason`, `probe_failure_leaves_nothing_behind` |
-//! | Blocked/identity with no PASID: IOPF refcount zero | seed 002 | `plan_attach` | `iopf_refcount_checked_on_blocked_and_identity_attach`, `iopf_reference_of_a_fault_capable_domain_is_dropped_by_the_replacing_attach`, `iopf_check_applies_only_with_no_pasid_attached` |
-//! | PASID exit handler per device, before removal | seed 004 | `exit_pasids` | `pasid_exit_handler_called_per_device_before_domain_removed`, `pasid_exit_handler_told_all_before_release_removes_pasids`, `sva_pasid_translates_through_its_address_space_until_it_exits` |
+//! | Blocked never on a require_direct device, with the reason | seed 002 | `plan_attach` | `blocked_attach_refused_for_require_direct_with_reason`, `blocked_attach_refused_for_require_direct_without_static_blocked_domain`, `probe_failure_leaves_nothing_behind` |
+//! | Blocked/identity with no PASID: IOPF refcount zero | seed 002 | `plan_attach` | `iopf_refcount_checked_on_blocked_and_identity_attach`, `iopf_reference_of_a_fault_capable_domain_is_dropped_by_the_replacing_attach`, `iopf_check_applies_only_with_no_pasid_attached`, `iopf_refcount_checked_on_blocked_attach_without_static_blocked_domain` |
+//! | PASID exit handler per device, before removal | seed 004 | `exit_pasids` | `pasid_exit_handler_called_per_device_before_domain_removed`, `pasid_exit_handler_told_all_before_release_removes_pasids`, `sva_pasid_translates_through_its_address_space_until_it_exits`, `pasid_exit_handler_told_all_before_giving_back_removes_pasids`, `pasid_exit_handler_called_only_for_the_pasids_of_the_ended_address_space` |
 //! | Parked: blocked, held, visible, plug again | DESIGN | [`IommuCore::park`](super::IommuCore::park), [`DmaOwner::Parked`](super::DmaOwner::Parked) | `parked_device_reaches_no_memory`, `park_is_visible_and_plug_makes_the_group_attachable_again` |
-//! | Faults say why and are recorded | issue 2 | [`SoftIommu::translate`](crate::soft::SoftIommu::translate), [`FaultLog`](crate::soft::FaultLog) | `translate_faults_are_recorded`, `fault_log_is_a_bounded_ring_that_counts_what_it_dropped` |
+//! | Faults say why and are recorded | issue 2 | [`SoftIommu::translate`](crate::soft::SoftIommu::translate), [`FaultLog`](crate::soft::FaultLog) | `translate_faults_are_recorded`, `fault_log_is_a_bounded_ring_that_counts_what_it_dropped`, `translate_faults_through_a_port_are_recorded`, `every_fault_says_why_in_its_message` |
 //! | Map: largest page sizes, runs, one sync; undone on failure | DESIGN | [`IommuCore::map`](super::IommuCore::map), [`IommuCore::unmap`](super::IommuCore::unmap) | `map_uses_huge_pages_and_syncs_once`, `a_map_that_fails_midway_is_undone`, `unmap_of_part_of_a_huge_page_is_refused`, `overlapping_map_is_refused_and_the_first_mapping_kept` |
 //!
 //! # What must not compile
