@@ -22,6 +22,7 @@ struct Hw {
     rid: Mutex<HashMap<DeviceId, String>>,
     pasid: Mutex<HashMap<(DeviceId, Pasid), String>>,
     fail_attach: Mutex<HashSet<DeviceId>>,
+    fail_pasid: Mutex<HashSet<DeviceId>>,
 }
 
 impl Hw {
@@ -60,6 +61,13 @@ impl DomainOps for TestDomain {
             return Err(DriverError::NotSupported {
                 op: "set_dev_pasid",
             });
+        }
+        if self.hw.fail_pasid.lock().unwrap().contains(&dev) {
+            self.hw
+                .push(format!("set_pasid {dev} {pasid} {} FAILED", self.label));
+            return Err(DriverError::Invalid(
+                "injected set_dev_pasid failure".into(),
+            ));
         }
         self.hw
             .push(format!("set_pasid {dev} {pasid} {}", self.label));
@@ -897,8 +905,8 @@ fn iopf_refcount_checked_on_blocked_attach_without_static_blocked_domain() {
     r.calls();
     let err = r.core.claim_dma_owner(g, VM).unwrap_err();
     assert!(
-        matches!(err, CoreError::IopfRefcount { dev, count: 1, .. } if dev == d),
-        "{err}"
+        matches!(err, CoreError::IopfRefcount { dev, count: 1, dtype: DomainType::Blocked } if dev == d),
+        "the empty paging domain that stands for blocked is named blocked: {err}"
     );
     assert!(!r.calls().iter().any(|c| c.0 == "attach_dev"));
     assert_eq!(r.core.group_owner(g).unwrap(), DmaOwner::Host);
@@ -979,6 +987,57 @@ fn pasid_exit_handler_called_per_device_before_domain_removed() {
         ]
     );
     assert!(r.core.device_status(a).unwrap().pasids.is_empty());
+    r.core.free(sva_a).unwrap();
+    r.core.free(sva_b).unwrap();
+}
+
+#[test]
+fn address_space_exit_reaches_every_device_even_when_one_fails() {
+    let r = rig(Cfg::default());
+    let a = r.probe("a");
+    let b = r.probe("b");
+    let space = AddressSpaceId(9);
+    let sva_a = r.core.alloc_sva(a, space).unwrap();
+    let sva_b = r.core.alloc_sva(b, space).unwrap();
+    r.core
+        .set_dev_pasid(a, Pasid(1), PasidTarget::Sva(&sva_a))
+        .unwrap();
+    r.core
+        .set_dev_pasid(b, Pasid(2), PasidTarget::Sva(&sva_b))
+        .unwrap();
+    for dev in [a, b] {
+        let hw = r.hw.clone();
+        r.core
+            .set_pasid_exit_handler(
+                dev,
+                Arc::new(move |d, what| {
+                    hw.push(format!("stop {d} {what:?}"));
+                    Ok(())
+                }),
+            )
+            .unwrap();
+    }
+    // a's driver cannot take its PASID off the ended address space: b is still told and cleaned up.
+    r.hw.fail_pasid.lock().unwrap().insert(a);
+    r.hw.clear();
+    let err = r.core.address_space_exit(space).unwrap_err();
+    assert!(matches!(err, CoreError::Driver { .. }), "{err}");
+    let log = r.hw.log();
+    assert!(
+        log.contains(&format!("stop {b} Pasid(Pasid(2))")),
+        "{log:?}"
+    );
+    assert!(
+        log.contains(&format!("set_pasid {b} pasid2 blocked")),
+        "{log:?}"
+    );
+    assert!(r.core.device_status(b).unwrap().pasids.is_empty());
+    // Once a's driver works again, the exit completes for a too.
+    r.hw.fail_pasid.lock().unwrap().clear();
+    assert_eq!(
+        r.core.address_space_exit(space).unwrap(),
+        vec![(a, Pasid(1))]
+    );
     r.core.free(sva_a).unwrap();
     r.core.free(sva_b).unwrap();
 }

@@ -621,7 +621,12 @@ impl IommuCore {
             return Err(CoreError::IopfRefcount {
                 dev,
                 count: iopf_refcount,
-                dtype: dom.dtype,
+                // The group's empty paging domain blocks too: name what it stands for.
+                dtype: if blocking {
+                    DomainType::Blocked
+                } else {
+                    dom.dtype
+                },
             });
         }
         let skip_hw = d.attach_deferred && g.default_domain == Some(new);
@@ -1507,10 +1512,19 @@ impl IommuCore {
                     .map(move |(p, _)| (*dev, *p))
             })
             .collect();
+        // The address space is gone for every device: one device's failure does not keep the others'
+        // PASIDs on it. The first error is returned once all were tried.
+        let mut first_err = None;
         for (dev, p) in &victims {
-            self.exit_pasids(&mut st, *dev, Some(*p))?;
+            if let Err(e) = self.exit_pasids(&mut st, *dev, Some(*p)) {
+                warn!("iommu: address space {space:?} exit: {dev} PASID {p:?}: {e}");
+                first_err.get_or_insert(e);
+            }
         }
-        Ok(victims)
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(victims),
+        }
     }
 
     // ---------------------------------------------------------------- map / unmap
