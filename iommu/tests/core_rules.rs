@@ -1212,6 +1212,38 @@ fn park_is_visible_and_plug_makes_the_group_attachable_again() {
 }
 
 #[test]
+fn leaving_the_guest_is_never_refused_for_a_leaked_fault_reference() {
+    let r = rig(Cfg::default());
+    let d = r.probe("a");
+    let g = r.group(d);
+    r.core.claim_dma_owner(g, VM).unwrap();
+    let dom = r.core.alloc_paging(r.inst).unwrap();
+    r.core.attach(g, VM, Target::Paging(&dom)).unwrap();
+    let in_guest = r.hw.rid_of(d);
+    assert!(in_guest.is_some() && in_guest.as_deref() != Some("blocked"));
+    // A fault reference leaks while the device is in its guest's domain.
+    r.core.iopf_get(d).unwrap();
+    // Attaching blocked to use it is refused (the rule) ...
+    assert!(matches!(
+        r.core.attach(g, VM, Target::Blocked),
+        Err(CoreError::IopfRefcount { .. })
+    ));
+    assert_eq!(r.hw.rid_of(d), in_guest);
+    // ... but parking still blocks it: refusing would leave it reaching the guest's memory.
+    r.core.park(g, VM).unwrap();
+    assert_eq!(r.hw.rid_of(d).as_deref(), Some("blocked"));
+    assert_eq!(r.core.device_status(d).unwrap().owner, DmaOwner::Parked(VM));
+    // And so does release.
+    r.core.plug(g, VM).unwrap();
+    r.core.attach(g, VM, Target::Paging(&dom)).unwrap();
+    r.hw.clear();
+    r.core.release_device(d).unwrap();
+    let log = r.hw.log();
+    assert_eq!(log.first(), Some(&format!("attach {d} blocked")), "{log:?}");
+    r.core.free(dom).unwrap();
+}
+
+#[test]
 fn probe_failure_leaves_nothing_behind() {
     let mut drv = TestIommu::new(Cfg::default());
     drv.resv.insert("g.rmr".into(), vec![direct_region()]);

@@ -194,6 +194,15 @@ struct AttachPlan {
     iopf_refcount: u32,
 }
 
+/// What an attach is for (only the IOPF rule tells them apart: see `plan_attach`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AttachFor {
+    /// A domain the device is to work in (attach, claim, give back, a deferred attach).
+    Use,
+    /// Taking the device away from its guest: release and park.
+    Leaving,
+}
+
 static NEXT_CORE: AtomicU64 = AtomicU64::new(1);
 
 /// The domain manager: devices, groups, domains, DMA ownership and PASIDs of every registered IOMMU
@@ -204,8 +213,9 @@ static NEXT_CORE: AtomicU64 = AtomicU64::new(1);
 ///   device's requests without PASID; a device that requires direct mappings is never attached to a
 ///   blocked domain (refused with [`CoreError::RequireDirect`]); a blocked or identity attach with no
 ///   PASID attached requires an I/O page fault reference count of zero
-///   ([`CoreError::IopfRefcount`]); a deferred device's first attach of its default domain touches
-///   no hardware.
+///   ([`CoreError::IopfRefcount`]; release and park, which take a device away from its guest, log a
+///   leaked reference instead of refusing, so the device still ends up reaching no memory); a deferred
+///   device's first attach of its default domain touches no hardware.
 /// - **groups** (`set_group_domain`): attach is per group; all policy checks run for every device
 ///   before any hardware is touched, and a driver error midway rolls the attached devices back, so
 ///   all devices of a group are always in the same domain.
@@ -581,7 +591,16 @@ impl IommuCore {
     // ---------------------------------------------------------------- the attach rules
 
     /// Checks one device attach against every rule. Touches nothing.
-    fn plan_attach(st: &State, dev: DeviceId, new: DomainId) -> Result<AttachPlan, CoreError> {
+    ///
+    /// `why` only changes the IOPF rule: an attach that takes a device *away* from its guest (release,
+    /// park) must not be refused for a leaked fault reference, because refusing would leave the device
+    /// in the domain that still reaches memory; the leak is logged instead (Linux WARNs there too).
+    fn plan_attach(
+        st: &State,
+        dev: DeviceId,
+        new: DomainId,
+        why: AttachFor,
+    ) -> Result<AttachPlan, CoreError> {
         let d = st.devices.get(&dev).ok_or(CoreError::UnknownDevice(dev))?;
         let dom = st.domains.get(&new).ok_or(CoreError::ForeignDomain(new))?;
         if dom.instance != d.instance {
@@ -618,16 +637,24 @@ impl IommuCore {
             && d.pasids.is_empty()
             && iopf_refcount != 0
         {
-            return Err(CoreError::IopfRefcount {
-                dev,
-                count: iopf_refcount,
-                // The group's empty paging domain blocks too: name what it stands for.
-                dtype: if blocking {
-                    DomainType::Blocked
-                } else {
-                    dom.dtype
-                },
-            });
+            if why == AttachFor::Leaving {
+                warn!(
+                    "iommu: {dev} ({}): I/O page fault reference count is {iopf_refcount}, not zero, as it \
+                     leaves for the {:?} domain: a fault reference leaked; attaching anyway so it reaches no memory",
+                    d.desc.name, dom.dtype
+                );
+            } else {
+                return Err(CoreError::IopfRefcount {
+                    dev,
+                    count: iopf_refcount,
+                    // The group's empty paging domain blocks too: name what it stands for.
+                    dtype: if blocking {
+                        DomainType::Blocked
+                    } else {
+                        dom.dtype
+                    },
+                });
+            }
         }
         let skip_hw = d.attach_deferred && g.default_domain == Some(new);
         Ok(AttachPlan {
@@ -707,6 +734,7 @@ impl IommuCore {
         st: &mut State,
         gid: GroupId,
         new: Option<DomainId>,
+        why: AttachFor,
     ) -> Result<(), CoreError> {
         let g = st.groups.get(&gid).ok_or(CoreError::UnknownGroup(gid))?;
         let devs = g.devices.clone();
@@ -714,7 +742,7 @@ impl IommuCore {
         let plans = match new {
             Some(n) => devs
                 .iter()
-                .map(|d| Self::plan_attach(st, *d, n).map(Some))
+                .map(|d| Self::plan_attach(st, *d, n, why).map(Some))
                 .collect::<Result<Vec<_>, _>>()?,
             None => devs.iter().map(|_| None).collect(),
         };
@@ -731,9 +759,8 @@ impl IommuCore {
                 let mut failed = Vec::new();
                 for d in &devs[..i] {
                     let rb = match old {
-                        Some(o) => {
-                            Self::plan_attach(st, *d, o).and_then(|p| self.apply_attach(st, &p))
-                        }
+                        Some(o) => Self::plan_attach(st, *d, o, why)
+                            .and_then(|p| self.apply_attach(st, &p)),
                         None => self.apply_platform_dma(st, *d),
                     };
                     if rb.is_err() {
@@ -898,7 +925,7 @@ impl IommuCore {
         }
         match cur {
             Some(d) => {
-                let p = Self::plan_attach(st, dev, d)?;
+                let p = Self::plan_attach(st, dev, d, AttachFor::Use)?;
                 self.apply_attach(st, &p)
             }
             None => Ok(()),
@@ -954,7 +981,8 @@ impl IommuCore {
         if let Some(d) = st.devices.get_mut(&dev) {
             d.attach_deferred = false;
         }
-        let r = Self::plan_attach(&st, dev, cur).and_then(|p| self.apply_attach(&mut st, &p));
+        let r = Self::plan_attach(&st, dev, cur, AttachFor::Use)
+            .and_then(|p| self.apply_attach(&mut st, &p));
         if r.is_err() {
             if let Some(d) = st.devices.get_mut(&dev) {
                 d.attach_deferred = true;
@@ -978,7 +1006,7 @@ impl IommuCore {
         if !deferred {
             match self.release_domain_for(&st, dev)? {
                 Some(rd) => {
-                    let p = Self::plan_attach(&st, dev, rd)?;
+                    let p = Self::plan_attach(&st, dev, rd, AttachFor::Leaving)?;
                     self.apply_attach(&mut st, &p)?;
                 }
                 None => {
@@ -1176,7 +1204,7 @@ impl IommuCore {
             }
         }
         let b = self.blocking_domain(&mut st, group)?;
-        self.set_group_domain(&mut st, group, Some(b))?;
+        self.set_group_domain(&mut st, group, Some(b), AttachFor::Use)?;
         if let Some(g) = st.groups.get_mut(&group) {
             g.owner = Ownership::User {
                 owner,
@@ -1213,7 +1241,7 @@ impl IommuCore {
             self.exit_pasids(&mut st, dev, None)?;
         }
         let default = st.groups.get(&group).and_then(|g| g.default_domain);
-        self.set_group_domain(&mut st, group, default)?;
+        self.set_group_domain(&mut st, group, default, AttachFor::Use)?;
         if let Some(g) = st.groups.get_mut(&group) {
             g.owner = Ownership::Host;
         }
@@ -1254,7 +1282,7 @@ impl IommuCore {
                     })?
             }
         };
-        self.set_group_domain(&mut st, group, Some(new))
+        self.set_group_domain(&mut st, group, Some(new), AttachFor::Use)
     }
 
     /// Parks `group` (its guest unplugged it): every PASID goes (exit handlers told `All`), then
@@ -1275,7 +1303,7 @@ impl IommuCore {
             self.exit_pasids(&mut st, dev, None)?;
         }
         let b = self.blocking_domain(&mut st, group)?;
-        self.set_group_domain(&mut st, group, Some(b))?;
+        self.set_group_domain(&mut st, group, Some(b), AttachFor::Leaving)?;
         if let Some(g) = st.groups.get_mut(&group) {
             g.owner = Ownership::User {
                 owner,
