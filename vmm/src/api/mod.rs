@@ -16,7 +16,8 @@
 //! The reply is `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`. Every request gets a
 //! reply: a line that is not UTF-8, not JSON, an unknown command, a missing or extra field, an unknown id,
 //! or a request the VM cannot serve gets an error reply, is logged, and the VMM goes on. A line longer
-//! than [`MAX_LINE`] gets an error reply and the connection is closed.
+//! than [`MAX_LINE`] gets an error reply and the connection is closed, and so does a connection on which
+//! a whole line does not arrive within [`IDLE_TIMEOUT`].
 //!
 //! # Threading
 //! The server runs on a thread of its own ([`ApiServer::start`]); requests are served one at a time, in
@@ -32,7 +33,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
@@ -41,8 +42,9 @@ use vmm_sys_util::eventfd::EventFd;
 pub const MAX_LINE: usize = 64 * 1024;
 /// Longest `timeout_secs` a `remove-device` may ask for (a day).
 pub const MAX_TIMEOUT_SECS: u64 = 24 * 60 * 60;
-/// How long a connection may stay silent before the server closes it (so one stuck client cannot
-/// hold the API).
+/// How long the server waits for each whole request line (and for each reply to be taken) before it
+/// closes the connection: one silent or trickling client cannot hold the API, which serves one
+/// connection at a time, nor delay the VMM's exit by more than this.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A request. See the module documentation for the wire format.
@@ -341,12 +343,34 @@ fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>) -> Result<Option<()>, bool
     Ok(Some(()))
 }
 
-/// Serves one connection: a reply line for every request line, until the client closes it.
+/// The connection's read side, with a deadline that the bytes of one request line share (a client that
+/// sends a byte now and then still runs out of time).
+struct UntilDeadline {
+    stream: UnixStream,
+    until: Instant,
+}
+
+impl Read for UntilDeadline {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+/// Serves one connection: a reply line for every request line, until the client closes it or a line
+/// takes longer than [`IDLE_TIMEOUT`] to arrive.
 pub fn serve_connection<B: Backend>(stream: UnixStream, backend: &mut B) {
+    serve_connection_for(stream, backend, IDLE_TIMEOUT)
+}
+
+fn serve_connection_for<B: Backend>(stream: UnixStream, backend: &mut B, line_time: Duration) {
     if let Err(e) = stream
         .set_nonblocking(false)
-        .and_then(|()| stream.set_read_timeout(Some(IDLE_TIMEOUT)))
-        .and_then(|()| stream.set_write_timeout(Some(IDLE_TIMEOUT)))
+        .and_then(|()| stream.set_write_timeout(Some(line_time)))
     {
         log::warn!("api: cannot set up a connection: {e}");
         return;
@@ -358,9 +382,13 @@ pub fn serve_connection<B: Backend>(stream: UnixStream, backend: &mut B) {
             return;
         }
     };
-    let mut reader = BufReader::new(stream);
+    let mut reader = BufReader::new(UntilDeadline {
+        stream,
+        until: Instant::now(),
+    });
     let mut buf = Vec::new();
     loop {
+        reader.get_mut().until = Instant::now() + line_time;
         let reply = match read_line(&mut reader, &mut buf) {
             Ok(None) | Err(false) => return,
             Err(true) => {
@@ -584,5 +612,58 @@ mod tests {
             Err(Error::NotASocket(_))
         ));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_client_that_trickles_a_request_is_cut_off_when_the_line_time_is_up() {
+        let (server_end, mut client) = UnixStream::pair().unwrap();
+        let line_time = Duration::from_millis(600);
+        let trickle = std::thread::spawn(move || {
+            // One byte every 100 ms: each read comes well within the line time, the line never does.
+            let mut sent = 0;
+            for b in br#"{"command":"ping"}"#.iter().cycle().take(40) {
+                if client.write_all(&[*b]).is_err() {
+                    break;
+                }
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            sent
+        });
+        let start = Instant::now();
+        let mut echo = Echo { served: 0 };
+        serve_connection_for(server_end, &mut echo, line_time);
+        let took = start.elapsed();
+        let sent = trickle.join().unwrap();
+        assert_eq!(echo.served, 0);
+        assert!(took >= line_time, "served for {took:?}");
+        assert!(
+            sent < 40,
+            "the server closed the connection before the client was done ({sent} bytes)"
+        );
+    }
+
+    #[test]
+    fn requests_on_one_connection_each_get_the_full_line_time() {
+        let (server_end, mut client) = UnixStream::pair().unwrap();
+        let line_time = Duration::from_millis(400);
+        let c = std::thread::spawn(move || {
+            let mut replies = 0;
+            let mut r = BufReader::new(client.try_clone().unwrap());
+            for _ in 0..4 {
+                // Longer in all than one line time, but each line comes in time.
+                std::thread::sleep(Duration::from_millis(150));
+                client.write_all(b"{\"command\":\"ping\"}\n").unwrap();
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) > 0 {
+                    replies += 1;
+                }
+            }
+            replies
+        });
+        let mut echo = Echo { served: 0 };
+        serve_connection_for(server_end, &mut echo, line_time);
+        assert_eq!(c.join().unwrap(), 4);
+        assert_eq!(echo.served, 4);
     }
 }
