@@ -23,6 +23,8 @@ struct Hw {
     pasid: Mutex<HashMap<(DeviceId, Pasid), String>>,
     fail_attach: Mutex<HashSet<DeviceId>>,
     fail_pasid: Mutex<HashSet<DeviceId>>,
+    /// Attaches of a device to domains whose label starts with the given prefix fail.
+    fail_attach_to: Mutex<HashSet<(DeviceId, &'static str)>>,
 }
 
 impl Hw {
@@ -48,7 +50,14 @@ struct TestDomain {
 
 impl DomainOps for TestDomain {
     fn attach_dev(&self, dev: DeviceId) -> Result<(), DriverError> {
-        if self.hw.fail_attach.lock().unwrap().contains(&dev) {
+        let to = self
+            .hw
+            .fail_attach_to
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(d, prefix)| *d == dev && self.label.starts_with(prefix));
+        if to || self.hw.fail_attach.lock().unwrap().contains(&dev) {
             self.hw.push(format!("attach {dev} {} FAILED", self.label));
             return Err(DriverError::Invalid("injected attach failure".into()));
         }
@@ -1209,6 +1218,33 @@ fn park_is_visible_and_plug_makes_the_group_attachable_again() {
     assert_eq!(r.core.group_owner(g).unwrap(), DmaOwner::Guest(VM));
     r.core.attach(g, VM, Target::Paging(&dom)).unwrap();
     assert!(matches!(r.core.plug(g, VM), Err(CoreError::NotParked(_))));
+}
+
+#[test]
+fn free_is_refused_while_a_device_left_behind_by_a_failed_rollback_uses_the_domain() {
+    let r = rig(Cfg::default());
+    let a = r.probe("g.a");
+    let b = r.probe("g.b");
+    let g = r.group(a);
+    r.core.claim_dma_owner(g, VM).unwrap();
+    let dom = r.core.alloc_paging(r.inst).unwrap();
+    // b's attach fails, and so does a's way back to blocked: a is left in `dom`, the group is not.
+    r.hw.fail_attach_to.lock().unwrap().insert((b, "paging"));
+    r.hw.fail_attach_to.lock().unwrap().insert((a, "blocked"));
+    let err = r.core.attach(g, VM, Target::Paging(&dom)).unwrap_err();
+    assert!(matches!(err, CoreError::RollbackFailed { .. }), "{err}");
+    assert!(r.hw.rid_of(a).is_some_and(|l| l.starts_with("paging")));
+    // The domain a's hardware still points at cannot be freed.
+    let refused = r.core.free(dom).unwrap_err();
+    assert!(
+        matches!(refused.error, CoreError::StillAttached { ref groups, .. } if groups == &[g]),
+        "{}",
+        refused.error
+    );
+    // Once the driver works again and the group is moved, it can.
+    r.hw.fail_attach_to.lock().unwrap().clear();
+    r.core.attach(g, VM, Target::Blocked).unwrap();
+    r.core.free(refused.domain).unwrap();
 }
 
 #[test]

@@ -502,10 +502,17 @@ impl IommuCore {
     }
 
     fn users_of(st: &State, id: DomainId) -> (Vec<GroupId>, Vec<(DeviceId, Pasid)>) {
+        // A group is a user when it is in the domain, or when one of its devices still is (left there by
+        // a rollback that failed: the hardware points at the domain although the group moved on).
         let groups = st
             .groups
             .iter()
-            .filter(|(_, g)| g.domain == Some(id))
+            .filter(|(_, g)| {
+                g.domain == Some(id)
+                    || g.devices
+                        .iter()
+                        .any(|d| st.devices.get(d).is_some_and(|d| d.domain == Some(id)))
+            })
             .map(|(gid, _)| *gid)
             .collect();
         let pasids = st

@@ -11,7 +11,7 @@
 //! |---|---|---|---|
 //! | Instance ops and per-type domain ops are separate | seed 003 | [`IommuOps`](super::IommuOps), [`DomainOps`](super::DomainOps), [`PagingDomainOps`](super::PagingDomainOps) | `map_on_blocked_domain_is_a_type_error`, `map_on_sva_domain_is_a_type_error` (below) |
 //! | Only paging domains map; SVA only on PASIDs | seed 003 | [`PagingDomain`](super::PagingDomain), [`Target`](super::Target) | `map_on_*_is_a_type_error`, `sva_domain_cannot_be_attached_to_a_device` (below) |
-//! | `free` ends a domain; refused while attached | seed 003 | [`IommuCore::free`](super::IommuCore::free) | `free_of_attached_domain_is_refused`, `free_of_domain_set_on_a_pasid_is_refused`, `freed_domain_cannot_be_used` (below) |
+//! | `free` ends a domain; refused while attached | seed 003 | [`IommuCore::free`](super::IommuCore::free) | `free_of_attached_domain_is_refused`, `free_of_domain_set_on_a_pasid_is_refused`, `free_is_refused_while_a_device_left_behind_by_a_failed_rollback_uses_the_domain`, `freed_domain_cannot_be_used` (below) |
 //! | No detach: leaving a domain is attaching another | seed 001 | `set_group_domain`; no detach in any trait | `no_detach_op_exists` (below), `no_detach_release_ownership_restores_default_domain` |
 //! | Claiming for a guest attaches blocked first | DESIGN | [`IommuCore::claim_dma_owner`](super::IommuCore::claim_dma_owner) | `claim_ownership_attaches_blocked_first`, `claim_without_static_blocked_domain_uses_an_empty_paging_domain`, `claimed_device_reaches_nothing_until_its_guest_attaches_a_domain` |
 //! | No default domain: `set_platform_dma` | seed 001 | [`IommuCore::release_dma_owner`](super::IommuCore::release_dma_owner) | `instance_without_default_uses_set_platform_dma` |
