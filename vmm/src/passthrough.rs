@@ -83,19 +83,19 @@ pub struct CheckedDevice {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PreflightError {
     /// The path does not exist.
-    #[error("--device {path}: no such device. List the host's PCI devices with `ls /sys/bus/pci/devices` (or `lspci -D`) and pass path=/sys/bus/pci/devices/<BDF>")]
+    #[error("device {path}: no such device. List the host's PCI devices with `ls /sys/bus/pci/devices` (or `lspci -D`) and pass path=/sys/bus/pci/devices/<BDF>")]
     NoSuchDevice {
         /// The path given.
         path: String,
     },
     /// The path exists but is not a PCI device.
-    #[error("--device {path}: not a PCI device (no vendor/config files); pass path=/sys/bus/pci/devices/<BDF>")]
+    #[error("device {path}: not a PCI device (no vendor/config files); pass path=/sys/bus/pci/devices/<BDF>")]
     NotPci {
         /// The path given.
         path: String,
     },
     /// The device is not bound to vfio-pci.
-    #[error("--device {bdf}: bound to {}, not to vfio-pci. Bind it to vfio-pci first:\n{fix}", driver.as_deref().map(|d| format!("driver '{d}'")).unwrap_or_else(|| "no driver".to_string()))]
+    #[error("device {bdf}: bound to {}, not to vfio-pci. Bind it to vfio-pci first:\n{fix}", driver.as_deref().map(|d| format!("driver '{d}'")).unwrap_or_else(|| "no driver".to_string()))]
     NotBoundToVfio {
         /// The device's PCI address.
         bdf: String,
@@ -105,13 +105,13 @@ pub enum PreflightError {
         fix: String,
     },
     /// The device has no IOMMU group: the host's IOMMU is off.
-    #[error("--device {bdf}: no IOMMU group. The host IOMMU is off: boot the host with intel_iommu=on (or amd_iommu=on) and load vfio-pci")]
+    #[error("device {bdf}: no IOMMU group. The host IOMMU is off: boot the host with intel_iommu=on (or amd_iommu=on) and load vfio-pci")]
     NoIommuGroup {
         /// The device's PCI address.
         bdf: String,
     },
     /// Another device of the group is bound to a host driver.
-    #[error("--device {bdf}: IOMMU group {group} is not viable: {other} in the same group is bound to '{driver}'. Every device of a group must be bound to vfio-pci (or to no driver):\n{fix}")]
+    #[error("device {bdf}: IOMMU group {group} is not viable: {other} in the same group is bound to '{driver}'. Every device of a group must be bound to vfio-pci (or to no driver):\n{fix}")]
     GroupNotViable {
         /// The device's PCI address.
         bdf: String,
@@ -125,7 +125,7 @@ pub enum PreflightError {
         fix: String,
     },
     /// `/dev/vfio/<group>` is missing.
-    #[error("--device {bdf}: {node} does not exist although the device is bound to vfio-pci; is devtmpfs mounted on /dev?")]
+    #[error("device {bdf}: {node} does not exist although the device is bound to vfio-pci; is devtmpfs mounted on /dev?")]
     NoGroupNode {
         /// The device's PCI address.
         bdf: String,
