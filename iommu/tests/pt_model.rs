@@ -5,97 +5,11 @@
 //! are built from 4K/2M/1G multiples around boundaries, so overlaps, huge-leaf cuts and table frees happen
 //! often.
 
-use std::collections::BTreeMap;
-
-use iommu::pt::{
-    Access, Gather, IoPageTable, Prot, PtError, TranslateFault, Translator, PAGE_1G, PAGE_2M,
-    PAGE_4K, PAGE_SIZES,
-};
+use iommu::pt::{Access, Gather, IoPageTable, Prot, Translator, PAGE_1G, PAGE_2M, PAGE_4K};
 use proptest::prelude::*;
 
-#[derive(Clone, Copy, Debug)]
-struct Leaf {
-    size: u64,
-    pa: u64,
-    prot: Prot,
-}
-
-/// The reference: leaves keyed by their first IOVA.
-#[derive(Default)]
-struct Model {
-    leaves: BTreeMap<u64, Leaf>,
-}
-
-impl Model {
-    fn leaf_at(&self, iova: u64) -> Option<(u64, Leaf)> {
-        self.leaves
-            .range(..=iova)
-            .next_back()
-            .filter(|(s, l)| iova < *s + l.size)
-            .map(|(s, l)| (*s, *l))
-    }
-
-    fn first_mapped(&self, iova: u64, end: u64) -> Option<u64> {
-        if self.leaf_at(iova).is_some() {
-            return Some(iova);
-        }
-        self.leaves.range(iova..end).next().map(|(s, _)| *s)
-    }
-
-    fn map(&mut self, iova: u64, pa: u64, len: u64, prot: Prot) -> Result<u64, PtError> {
-        if let Some(first) = self.first_mapped(iova, iova + len) {
-            return Err(PtError::Overlap { iova: first });
-        }
-        let (mut at, mut n) = (0, 0);
-        while at < len {
-            let size = *PAGE_SIZES
-                .iter()
-                .rev()
-                .find(|&&s| ((iova + at) | (pa + at)).is_multiple_of(s) && len - at >= s)
-                .unwrap();
-            self.leaves.insert(
-                iova + at,
-                Leaf {
-                    size,
-                    pa: pa + at,
-                    prot,
-                },
-            );
-            at += size;
-            n += 1;
-        }
-        Ok(n)
-    }
-
-    fn unmap(&mut self, iova: u64, len: u64) -> Result<u64, PtError> {
-        let end = iova + len;
-        for edge in [iova, end] {
-            if let Some((s, l)) = self.leaf_at(edge) {
-                if s < edge {
-                    return Err(PtError::PartialHugeUnmap {
-                        iova: s,
-                        page_size: l.size,
-                    });
-                }
-            }
-        }
-        let gone: Vec<u64> = self.leaves.range(iova..end).map(|(s, _)| *s).collect();
-        Ok(gone
-            .into_iter()
-            .map(|s| self.leaves.remove(&s).unwrap().size)
-            .sum())
-    }
-
-    fn translate(&self, iova: u64, access: Access) -> Result<u64, TranslateFault> {
-        match self.leaf_at(iova) {
-            None => Err(TranslateFault::NotMapped { iova }),
-            Some((_, l)) if !l.prot.allows(access) => {
-                Err(TranslateFault::Permission { iova, access })
-            }
-            Some((s, l)) => Ok(l.pa + (iova - s)),
-        }
-    }
-}
+mod common;
+use common::pt_reference::Model;
 
 #[derive(Clone, Debug)]
 enum Op {

@@ -4,66 +4,14 @@
 //! this test drives those uses (maps and unmaps of runs, single entries, larger leaves over idle tables,
 //! reclaims) and compares every answer with a reference model.
 
-use std::collections::BTreeMap;
-
-use iommu::pt::{Gather, IoPageTable, Prot, PtError, PAGE_1G, PAGE_2M, PAGE_4K, PAGE_SIZES};
+use iommu::pt::{Gather, IoPageTable, Prot, PAGE_1G, PAGE_2M, PAGE_4K};
 use proptest::prelude::*;
+
+mod common;
+use common::pt_reference::Model;
 
 const BASE: u64 = 1 << 40;
 const PA: u64 = 1 << 44;
-
-/// Leaves by first IOVA: (size, output address).
-#[derive(Default)]
-struct Model(BTreeMap<u64, (u64, u64)>);
-
-impl Model {
-    fn leaf_at(&self, iova: u64) -> Option<(u64, u64)> {
-        self.0
-            .range(..=iova)
-            .next_back()
-            .filter(|(s, (size, _))| iova < *s + size)
-            .map(|(s, (size, _))| (*s, *size))
-    }
-
-    fn map(&mut self, iova: u64, pa: u64, len: u64) -> Result<u64, PtError> {
-        let end = iova + len;
-        let first = self
-            .leaf_at(iova)
-            .map(|_| iova)
-            .or_else(|| self.0.range(iova..end).next().map(|(s, _)| *s));
-        if let Some(iova) = first {
-            return Err(PtError::Overlap { iova });
-        }
-        let (mut at, mut n) = (0, 0);
-        while at < len {
-            let size = *PAGE_SIZES
-                .iter()
-                .rev()
-                .find(|&&s| ((iova + at) | (pa + at)).is_multiple_of(s) && len - at >= s)
-                .unwrap();
-            self.0.insert(iova + at, (size, pa + at));
-            at += size;
-            n += 1;
-        }
-        Ok(n)
-    }
-
-    fn unmap(&mut self, iova: u64, len: u64) -> Result<u64, PtError> {
-        let end = iova + len;
-        for edge in [iova, end] {
-            if let Some((s, size)) = self.leaf_at(edge) {
-                if s < edge {
-                    return Err(PtError::PartialHugeUnmap {
-                        iova: s,
-                        page_size: size,
-                    });
-                }
-            }
-        }
-        let gone: Vec<u64> = self.0.range(iova..end).map(|(s, _)| *s).collect();
-        Ok(gone.into_iter().map(|s| self.0.remove(&s).unwrap().0).sum())
-    }
-}
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -118,7 +66,7 @@ proptest! {
                     let mut g = Gather::new();
                     let got = t.map(iova, pa, len, Prot::RW, &mut g).map(|s| s.leaves_written);
                     t.sync(&mut g);
-                    prop_assert_eq!(got, model.map(iova, pa, len), "{:?}", op);
+                    prop_assert_eq!(got, model.map(iova, pa, len, Prot::RW), "{:?}", op);
                 }
                 Op::Unmap { iova, len } => {
                     let mut g = Gather::new();
@@ -130,15 +78,15 @@ proptest! {
                     t.reclaim_idle_tables();
                 }
             }
-            for (&s, &(size, pa)) in &model.0 {
-                let p = t.iova_to_phys(s + size - 1).map(|p| (p.paddr, p.page_size));
-                prop_assert_eq!(p, Some((pa + size - 1, size)), "leaf at {:#x} after {:?}", s, op);
+            for (&s, l) in &model.leaves {
+                let p = t.iova_to_phys(s + l.size - 1).map(|p| (p.paddr, p.page_size));
+                prop_assert_eq!(p, Some((l.pa + l.size - 1, l.size)), "leaf at {:#x} after {:?}", s, op);
             }
         }
         let mut g = Gather::new();
         let bytes = t.unmap(0, 1 << 48, &mut g).unwrap();
         t.sync(&mut g);
-        prop_assert_eq!(bytes, model.0.values().map(|l| l.0).sum::<u64>());
+        prop_assert_eq!(bytes, model.leaves.values().map(|l| l.size).sum::<u64>());
         let s = t.pool_stats();
         prop_assert_eq!((s.table_pages_in_use, s.table_pages_idle, s.table_pages_pending), (1, 0, 0));
     }

@@ -1,0 +1,3 @@
+//! Shared by the page-table test files.
+
+pub mod pt_reference;
