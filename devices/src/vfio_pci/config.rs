@@ -11,9 +11,9 @@
 //! - Interrupt pin reads 0 (no INTx); interrupt line is a scratch register.
 //! - Capabilities: PM, PCI Express and MSI-X are shown (the first of each), every other one is unlinked
 //!   and reads as 0. A capability ends where the next one starts, so overlapping ones of a malformed
-//!   device cannot undo each other's emulation. MSI is hidden (the guest uses MSI-X). The PCIe "initiate function level reset" bit is emulated as 0
-//!   and read-only: only the VMM resets the device (through VFIO), so the guest cannot reset it under the
-//!   VMM's feet. MSI-X message control is emulated (enable and function mask are the VMM's to apply).
+//!   device cannot undo each other's emulation. MSI is hidden (the guest uses MSI-X). The PCIe "initiate
+//!   function level reset" bit is emulated as 0 and read-only: only the VMM resets the device (through
+//!   VFIO), so the guest cannot reset it under the VMM's feet. MSI-X message control is emulated (enable and function mask are the VMM's to apply).
 //! - The extended space (0x100..0x1000) reads as 0: no extended capability is shown.
 //!
 //! Nothing the guest writes can fail: out-of-range or malformed accesses are logged and dropped.
