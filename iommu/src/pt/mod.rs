@@ -412,13 +412,11 @@ impl Inner {
     pub(crate) fn walk(&self, iova: u64) -> (Option<(u64, u32)>, u64) {
         loop {
             let g1 = self.gen.0.load(Acquire);
+            if iova >= IOVA_LIMIT {
+                return (None, g1);
+            }
             let unchanged = || self.gen.0.load(Acquire) == g1;
-            let r = if iova < IOVA_LIMIT {
-                walk::lookup(self.root(), iova, unchanged)
-            } else {
-                Some(None)
-            };
-            if let Some(r) = r {
+            if let Some(r) = walk::lookup(self.root(), iova, unchanged) {
                 if unchanged() {
                     return (r, g1);
                 }

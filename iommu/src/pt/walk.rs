@@ -13,11 +13,13 @@
 //!
 //! Where the entries of a table are: a table entry counts the non-zero entries of its table and, when the
 //! writer knows it, says they are one run of leaves from a given index on ([`fmt::run_of`]). Map and unmap
-//! on the covering table (the fast paths, and unmap's general path there) keep that run up to date, so a
-//! run of entries mapped or unmapped there needs no reading of the entries; every other store that changes
-//! which entries of a table are non-zero, or links a table into it, clears the run in the entry linking
-//! the table, with the store that updates its count. (In debug builds every use of a run checks it against
-//! the entries.)
+//! of runs of more than one entry on the covering table (and unmap's general path there) keep that run up
+//! to date, so a run of entries mapped or unmapped there needs no reading of the entries; every other store
+//! that changes which entries of a table are non-zero, or links a table into it (the single-entry fast
+//! paths included), clears the run in the entry linking the table, with the store that updates its count.
+//! Paths that zero no entry of a child table store nothing and leave its record as it was, which stays
+//! true. (In debug builds every use of a run checks it against the entries; `scripts/test` runs the page
+//! table tests in an optimized build with those checks on too.)
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
@@ -230,7 +232,9 @@ fn run_cut(lo: usize, live: u64, from: usize, to: usize) -> (usize, u64, Option<
     if a >= b {
         return (a, 0, Some(lo));
     }
-    let left = if a == lo {
+    let left = if a == lo && b == hi {
+        None // nothing left (a run index of 512 would not fit the record's 9 bits)
+    } else if a == lo {
         Some(b)
     } else if b == hi {
         Some(lo)
