@@ -2,10 +2,41 @@
 //! through an eventfd (which the VMM registers as a KVM irqfd) and its output written to any `Write`.
 
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
+
+/// A console output that keeps everything written to it, shared by its clones: for tests, and for a
+/// program that embeds the VMM and reads the guest's console itself.
+#[derive(Clone, Default)]
+pub struct CapturedOutput(Arc<Mutex<Vec<u8>>>);
+
+impl CapturedOutput {
+    /// Everything written so far.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.0.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Everything written so far, as text (invalid UTF-8 replaced).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes()).into_owned()
+    }
+}
+
+impl Write for CapturedOutput {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("console output lock poisoned"))?
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// Raises the UART's interrupt by writing to an eventfd (a KVM irqfd on the VMM side).
 pub struct IrqTrigger(pub EventFd);
@@ -61,32 +92,16 @@ impl SerialConsole {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0
-                .lock()
-                .map_err(|_| std::io::Error::other("poisoned"))?
-                .extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     #[test]
     fn output_and_input_with_interrupt() {
         let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        let sink = Sink::default();
+        let sink = CapturedOutput::default();
         let mut s = SerialConsole::new(irq.try_clone().expect("clone"), Box::new(sink.clone()));
         for b in b"hi" {
             s.write(0, *b);
         }
-        assert_eq!(sink.0.lock().map(|v| v.clone()).unwrap_or_default(), b"hi");
+        assert_eq!(sink.bytes(), b"hi");
         s.write(1, 0x01); // IER: received-data interrupt
         assert_eq!(s.enqueue_input(b"x"), 1);
         assert!(

@@ -3,13 +3,13 @@
 //!
 //! These tests need /dev/kvm and fail loudly without it: a machine that runs them is expected to have KVM.
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devices::pci::{
     BarKind, BarRegion, BarRelocation, MsiRouting, PciBarDef, PciConfig, PciDevice, PciSlot,
 };
+use devices::serial::CapturedOutput;
 use kvm_bindings::{kvm_mp_state, kvm_segment, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
@@ -20,27 +20,8 @@ use vmm::vm::{SerialOutput, Vm};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| std::io::Error::other("poisoned"))?
-            .extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().map(|v| v.clone()).unwrap_or_default()).into_owned()
-    }
-}
+/// The guest's console output.
+type Console = CapturedOutput;
 
 fn new_vm(cpus: u8, mem: u64) -> (Vm, Console) {
     assert!(

@@ -14,12 +14,11 @@
 //! `PROPTEST_CASES` sets the number of cases (`scripts/test` uses 4000).
 
 use std::collections::VecDeque;
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use devices::hotplug::{PciHotplugController, REGS_LEN};
 use devices::pci::{BarWindows, HostBridge, PciBus, PciSlot};
-use devices::serial::SerialConsole;
+use devices::serial::{CapturedOutput, SerialConsole};
 use proptest::prelude::*;
 use vmm::device_manager::DeviceManager;
 use vmm::hotplug::HOTPLUG_PORT;
@@ -29,22 +28,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 const CMOS_INDEX: u16 = 0x70;
 const CMOS_DATA: u16 = 0x71;
-
-#[derive(Clone, Default)]
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Sink {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| std::io::Error::other("poisoned"))?
-            .extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -130,7 +113,7 @@ impl Uart {
 struct Rig {
     dm: DeviceManager,
     bus: Arc<PciBus>,
-    sink: Sink,
+    sink: CapturedOutput,
     uart: Uart,
     cmos_index: u8,
     nvram: [u8; 128],
@@ -143,7 +126,7 @@ fn is_bcd(v: u8, max: u8) -> bool {
 impl Rig {
     fn new() -> Self {
         let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        let sink = Sink::default();
+        let sink = CapturedOutput::default();
         let serial = SerialConsole::new(irq, Box::new(sink.clone()));
         let bus = Arc::new(PciBus::new(BarWindows {
             mmio32: (0xc000_0000, 0x2000_0000),
@@ -330,7 +313,7 @@ impl Rig {
                 self.uart.rx.extend(&bytes[..taken]);
             }
         }
-        let out = self.sink.0.lock().map(|v| v.clone()).unwrap_or_default();
+        let out = self.sink.bytes();
         prop_assert_eq!(&out, &self.uart.out, "console output");
         prop_assert!(
             self.bus.device(PciSlot(0)).is_some(),
