@@ -308,6 +308,19 @@ impl Rig {
     fn group(&self, d: DeviceId) -> GroupId {
         self.core.group_of(d).unwrap()
     }
+    /// Registers a PASID exit handler for `dev` that logs "`who` <device> <what>" to the hardware log.
+    fn log_pasid_exits(&self, dev: DeviceId, who: String) {
+        let hw = self.hw.clone();
+        self.core
+            .set_pasid_exit_handler(
+                dev,
+                Arc::new(move |d, what| {
+                    hw.push(format!("{who} {d} {what:?}"));
+                    Ok(())
+                }),
+            )
+            .unwrap();
+    }
     fn domain_type(&self, d: DeviceId) -> Option<DomainType> {
         self.core.device_status(d).unwrap().domain.map(|i| i.dtype)
     }
@@ -972,16 +985,7 @@ fn pasid_exit_handler_called_per_device_before_domain_removed() {
         .set_dev_pasid(b, Pasid(6), PasidTarget::Sva(&sva_b))
         .unwrap();
     for (dev, driver) in [(a, "nic-driver"), (b, "accel-driver")] {
-        let hw = r.hw.clone();
-        r.core
-            .set_pasid_exit_handler(
-                dev,
-                Arc::new(move |d, what| {
-                    hw.push(format!("{driver} stops {d} {what:?}"));
-                    Ok(())
-                }),
-            )
-            .unwrap();
+        r.log_pasid_exits(dev, format!("{driver} stops"));
     }
     r.hw.clear();
     let removed = r.core.address_space_exit(space).unwrap();
@@ -1015,16 +1019,7 @@ fn address_space_exit_reaches_every_device_even_when_one_fails() {
         .set_dev_pasid(b, Pasid(2), PasidTarget::Sva(&sva_b))
         .unwrap();
     for dev in [a, b] {
-        let hw = r.hw.clone();
-        r.core
-            .set_pasid_exit_handler(
-                dev,
-                Arc::new(move |d, what| {
-                    hw.push(format!("stop {d} {what:?}"));
-                    Ok(())
-                }),
-            )
-            .unwrap();
+        r.log_pasid_exits(dev, "stop".into());
     }
     // a's driver cannot take its PASID off the ended address space: b is still told and cleaned up.
     r.hw.fail_pasid.lock().unwrap().insert(a);
@@ -1067,16 +1062,7 @@ fn pasid_exit_handler_called_only_for_the_pasids_of_the_ended_address_space() {
     r.core
         .set_dev_pasid(d, Pasid(3), PasidTarget::Paging(&dom))
         .unwrap();
-    let hw = r.hw.clone();
-    r.core
-        .set_pasid_exit_handler(
-            d,
-            Arc::new(move |d, what| {
-                hw.push(format!("handler {d} {what:?}"));
-                Ok(())
-            }),
-        )
-        .unwrap();
+    r.log_pasid_exits(d, "handler".into());
     r.hw.clear();
     let removed = r.core.address_space_exit(AddressSpaceId(1)).unwrap();
     assert_eq!(removed, vec![(d, Pasid(1))]);
@@ -1152,16 +1138,7 @@ fn pasid_exit_handler_told_all_before_giving_back_removes_pasids() {
     r.core
         .set_dev_pasid(d, Pasid(1), PasidTarget::Sva(&sva))
         .unwrap();
-    let hw = r.hw.clone();
-    r.core
-        .set_pasid_exit_handler(
-            d,
-            Arc::new(move |d, what| {
-                hw.push(format!("handler {d} {what:?}"));
-                Ok(())
-            }),
-        )
-        .unwrap();
+    r.log_pasid_exits(d, "handler".into());
     r.hw.clear();
     // The host takes the group back: none of the guest's PASID domains stays on the device.
     r.core.release_dma_owner(g, VM).unwrap();
