@@ -16,17 +16,16 @@
 //! leaves fit), except the translate window, whose output is skewed by 4 KiB so that only 4 KiB leaves fit.
 
 mod baseline;
+mod cases;
 
 use std::hint::black_box;
 use std::io::Write;
 use std::time::Instant;
 
 use baseline::IntervalMap;
-use iommu::pt::{Access, Gather, IoPageTable, Prot, Translator, PAGE_1G, PAGE_2M, PAGE_4K};
+use cases::*;
+use iommu::pt::{Access, Gather, IoPageTable, Prot, Translator, PAGE_4K};
 
-const IOVA_BASE: u64 = 1 << 40;
-const PA_BASE: u64 = 1 << 44;
-const MIB: u64 = 1 << 20;
 
 /// What is measured: the page table or the baseline.
 trait Subject {
@@ -112,91 +111,6 @@ impl Subject for IntervalMap {
     }
 }
 
-/// A map case: B calls of `len` bytes at `IOVA_BASE + off + j * stride`.
-struct MapCase {
-    map: &'static str,
-    unmap: Option<&'static str>,
-    len: u64,
-    off: u64,
-    stride: u64,
-    batch: usize,
-    /// Leaves one page-table call must write.
-    leaves: u64,
-}
-
-const MAP_CASES: &[MapCase] = &[
-    MapCase {
-        map: "map_4k",
-        unmap: Some("unmap_4k"),
-        len: PAGE_4K,
-        off: 0,
-        stride: PAGE_4K,
-        batch: 4096,
-        leaves: 1,
-    },
-    MapCase {
-        map: "map_2m",
-        unmap: Some("unmap_2m"),
-        len: PAGE_2M,
-        off: 0,
-        stride: PAGE_2M,
-        batch: 2048,
-        leaves: 1,
-    },
-    MapCase {
-        map: "map_1g",
-        unmap: Some("unmap_1g"),
-        len: PAGE_1G,
-        off: 0,
-        stride: PAGE_1G,
-        batch: 1024,
-        leaves: 1,
-    },
-    // 1 MiB at 2 MiB + 1 MiB: 1 MiB aligned, not 2 MiB aligned: 256 x 4K.
-    MapCase {
-        map: "map_256x4k",
-        unmap: Some("unmap_256x4k"),
-        len: MIB,
-        off: MIB,
-        stride: PAGE_2M,
-        batch: 512,
-        leaves: 256,
-    },
-    MapCase {
-        map: "map_256x2m",
-        unmap: Some("unmap_256x2m"),
-        len: 256 * PAGE_2M,
-        off: 0,
-        stride: PAGE_1G,
-        batch: 256,
-        leaves: 256,
-    },
-    MapCase {
-        map: "map_256x1g",
-        unmap: Some("unmap_256x1g"),
-        len: 256 * PAGE_1G,
-        off: 0,
-        stride: 512 * PAGE_1G,
-        batch: 192,
-        leaves: 256,
-    },
-    // A VMM mapping 64 GiB of guest RAM at boot, 1 GiB aligned: 64 leaves.
-    MapCase {
-        map: "map_guest_64g",
-        unmap: None,
-        len: 64 * PAGE_1G,
-        off: 0,
-        stride: 64 * PAGE_1G,
-        batch: 256,
-        leaves: 64,
-    },
-];
-
-const WINDOW: u64 = PAGE_1G;
-const WINDOW_PA: u64 = PA_BASE + PAGE_4K;
-const LOOKUP_BATCH: usize = 16384;
-const CHURN_BATCH: usize = 4096;
-const CHURN_POOL: usize = 65536;
 
 struct Opts {
     smoke: bool,
@@ -217,21 +131,6 @@ struct Row {
     leaves: Option<u64>,
 }
 
-/// Deterministic xorshift, so both subjects see the same IOVAs.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 /// Times `samples` batches (after `warmup`) of `f`, which runs one batch and returns its calls; ns/call.
 fn sample_batches(o: &Opts, mut f: impl FnMut() -> Vec<(usize, u128)>) -> Vec<f64> {
@@ -362,10 +261,7 @@ fn run_churn<S: Subject>(o: &Opts) -> f64 {
         s.unmap(IOVA_BASE + p, PAGE_4K);
     }
     let batch = if o.smoke { 64 } else { CHURN_BATCH };
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let pool: Vec<u64> = (0..CHURN_POOL)
-        .map(|_| IOVA_BASE + (rng.next() % (win / PAGE_4K)) * PAGE_4K)
-        .collect();
+    let pool = churn_pool(win);
     let mut pos = 0;
     let ns = sample_batches(o, || {
         let t0 = Instant::now();
