@@ -26,7 +26,6 @@ use baseline::IntervalMap;
 use cases::*;
 use iommu::pt::{Access, Gather, IoPageTable, Prot, Translator, PAGE_4K};
 
-
 /// What is measured: the page table or the baseline.
 trait Subject {
     type Tr;
@@ -111,7 +110,6 @@ impl Subject for IntervalMap {
     }
 }
 
-
 struct Opts {
     smoke: bool,
     samples: usize,
@@ -130,7 +128,6 @@ struct Row {
     batch: usize,
     leaves: Option<u64>,
 }
-
 
 /// Times `samples` batches (after `warmup`) of `f`, which runs one batch and returns its calls; ns/call.
 fn sample_batches(o: &Opts, mut f: impl FnMut() -> Vec<(usize, u128)>) -> Vec<f64> {

@@ -252,7 +252,8 @@ fn churn(o: &Opts) -> (f64, f64) {
     let pool = churn_pool(win);
     let batch = if o.smoke { 64 } else { CHURN_BATCH };
     let mut l = Layout::new(
-        pool.iter().map(|&iova| (iova, iova - IOVA_BASE + PA_BASE, PAGE_4K)),
+        pool.iter()
+            .map(|&iova| (iova, iova - IOVA_BASE + PA_BASE, PAGE_4K)),
         PAGE_4K,
     );
     let calls = l.calls.clone();
@@ -322,7 +323,11 @@ fn main() {
     eprint!("\r\x1b[K[pt-floors {total:>2}/{total}] churn_4k ...");
     let (s, l) = churn(&o);
     rows.push(("churn_4k", s, l));
-    eprintln!("\r\x1b[K[pt-floors] done: {} cases, {} samples each", rows.len(), o.samples);
+    eprintln!(
+        "\r\x1b[K[pt-floors] done: {} cases, {} samples each",
+        rows.len(),
+        o.samples
+    );
 
     println!(
         "{:<16} {:>16} {:>17}   (median ns per call)",
