@@ -2,10 +2,13 @@
 //! two tiers, timed exactly as `dma_map` times the case (same IOVAs, batches, samples and medians):
 //!
 //! - **store floor**: only the stores of the table entries the call must change (the same entries, in the
-//!   same table pages, cycled through by the batch as the page table's pages are), written with plain,
-//!   non-atomic, compiler-vectorized stores into a bare array of 4 KiB pages: no lock, no descent, no
-//!   check, no bookkeeping, no atomicity. Any page table that holds its leaves in memory, in any format,
-//!   pays at least this (a hardware IOMMU walks those entries, so they must all be written).
+//!   same table pages, cycled through by the batch as the page table's pages are), into a bare array of
+//!   4 KiB pages: a run is written by a plain, non-atomic loop the compiler vectorizes and zeroed by
+//!   `memset`, a single entry by one plain store; no lock, no descent, no check, no bookkeeping, no
+//!   atomicity. A map's store floor binds any page table whose leaves are in memory, in any format (a
+//!   hardware IOMMU walks them, so they must all be written); an unmap's binds any table that clears the
+//!   entries it unmaps, as this one and Linux's do when the range does not cover a table's whole span (one
+//!   that unlinked the table instead would owe the zeroing to the next user of the page).
 //! - **locked floor**: the store floor plus the locked instructions the concurrency contract of
 //!   `iommu::pt::IoPageTable` requires: writers on any thread take `&self`, so each map or unmap call
 //!   takes the writer lock (one compare-exchange, released with a plain store), and the sync of a call
@@ -24,8 +27,8 @@ mod cases;
 
 use std::hint::black_box;
 use std::io::Write;
-use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
+use std::sync::atomic::{compiler_fence, AtomicBool, AtomicU64};
 use std::time::Instant;
 
 use cases::*;
@@ -87,6 +90,10 @@ impl Layout {
 
     #[inline(always)]
     fn store(&mut self, c: &Call) {
+        if c.count == 1 {
+            self.pages[c.page].0[c.lo] = c.first;
+            return;
+        }
         let mut v = c.first;
         for e in &mut self.pages[c.page].0[c.lo..c.lo + c.count] {
             *e = v;
@@ -96,6 +103,10 @@ impl Layout {
 
     #[inline(always)]
     fn clear(&mut self, c: &Call) {
+        if c.count == 1 {
+            self.pages[c.page].0[c.lo] = 0;
+            return;
+        }
         self.pages[c.page].0[c.lo..c.lo + c.count].fill(0);
     }
 }
@@ -219,68 +230,111 @@ fn map_case(o: &Opts, c: &MapCase) -> [(f64, f64); 2] {
     out
 }
 
-/// Smoke check: the stores of a mapped batch are the leaves the page table itself holds for those calls.
+/// Smoke check: the batch's stores are the entries the page table itself writes for those calls: each
+/// call's entries are the indices of its IOVAs at the leaf level, calls share a page exactly when their
+/// IOVAs share a leaf table, and each entry is the leaf the page table holds (output address, page size,
+/// permission, and the encoding `format` gives a leaf).
 fn check(l: &Layout, c: &MapCase) {
     let t = iommu::pt::IoPageTable::new();
     let mut g = iommu::pt::Gather::new();
-    for j in 0..l.calls.len() as u64 {
-        let at = c.off + j * c.stride;
-        t.map(IOVA_BASE + at, PA_BASE + at, c.len, Prot::RW, &mut g)
-            .expect("smoke map");
-    }
-    t.sync(&mut g);
     let size = c.len / c.leaves;
+    let level = (1..=3)
+        .find(|&v| format::level_size(v) == size)
+        .expect("a leaf size");
+    let table_span = format::level_size(level + 1);
+    let mut page_of_table = std::collections::HashMap::new();
     for (j, call) in l.calls.iter().enumerate() {
         let at = c.off + j as u64 * c.stride;
+        t.map(IOVA_BASE + at, PA_BASE + at, c.len, Prot::RW, &mut g)
+            .expect("smoke map");
+        t.sync(&mut g);
+        let table = (IOVA_BASE + at) / table_span;
+        assert_eq!(
+            *page_of_table.entry(table).or_insert(call.page),
+            call.page,
+            "{}: call {j}: page of its leaf table",
+            c.map
+        );
+        assert_eq!(call.count as u64, c.leaves, "{}: call {j}: leaves", c.map);
         for k in 0..call.count {
             let iova = IOVA_BASE + at + k as u64 * size;
-            let want = t.iova_to_phys(iova).expect("mapped");
+            assert_eq!(format::index(iova, level), call.lo + k, "{}: index", c.map);
             let e = l.pages[call.page].0[call.lo + k];
+            let want = t.iova_to_phys(iova).expect("mapped");
             assert_eq!(
-                (format::addr(e), want.page_size, format::prot_of(e)),
-                (want.paddr, size, want.prot),
+                e,
+                want.paddr | format::leaf_flags(level, format::prot_bits(want.prot)),
                 "{}: call {j} entry {k}",
                 c.map
             );
+            assert_eq!(want.page_size, size, "{}: call {j} leaf size", c.map);
         }
     }
+    assert_eq!(page_of_table.len(), l.pages.len(), "{}: pages", c.map);
 }
 
-/// (store floor, locked floor) of a churn_4k pair.
+/// (store floor, locked floor) of a churn_4k pair. As in dma_map, the batch reads the next IOVAs of the
+/// same pool (8 bytes each); the leaf table and entry of an IOVA of the window follow from it.
 fn churn(o: &Opts) -> (f64, f64) {
     let win = if o.smoke { 64 * PAGE_4K } else { WINDOW };
     let pool = churn_pool(win);
     let batch = if o.smoke { 64 } else { CHURN_BATCH };
-    let mut l = Layout::new(
-        pool.iter()
-            .map(|&iova| (iova, iova - IOVA_BASE + PA_BASE, PAGE_4K)),
-        PAGE_4K,
-    );
-    let calls = l.calls.clone();
+    let table_span = format::level_size(2);
+    let flags = format::leaf_flags(1, format::prot_bits(Prot::RW));
+    let mut pages = vec![Page([0; format::ENTRIES]); win.div_ceil(table_span) as usize];
+    let at = |iova: u64| {
+        let off = iova - IOVA_BASE;
+        ((off / table_span) as usize, format::index(iova, 1))
+    };
+    if o.smoke {
+        let (t, mut g) = (iommu::pt::IoPageTable::new(), iommu::pt::Gather::new());
+        for &iova in &pool[..batch] {
+            let (p, i) = at(iova);
+            pages[p].0[i] = (iova - IOVA_BASE + PA_BASE) | flags;
+            let _ = t.map(iova, iova - IOVA_BASE + PA_BASE, PAGE_4K, Prot::RW, &mut g);
+            t.sync(&mut g);
+            let want = t.iova_to_phys(iova).expect("mapped");
+            assert_eq!(
+                pages[p].0[i],
+                want.paddr | flags,
+                "churn_4k: entry of {iova:#x}"
+            );
+            assert_eq!(
+                p,
+                ((iova - IOVA_BASE) >> 21) as usize,
+                "churn_4k: leaf table"
+            );
+            pages[p].0[i] = 0;
+        }
+    }
     let locks = Locks::default();
     let mut pos = 0;
-    let mut pairs = |l: &mut Layout, locked: bool| {
+    let mut pairs = |pages: &mut [Page], locked: bool| {
         for j in 0..batch {
-            let c = &calls[(pos + j) % CHURN_POOL];
+            let iova = pool[(pos + j) % CHURN_POOL];
+            let (p, i) = at(iova);
             if locked {
                 locks.lock();
             }
-            l.store(c);
+            pages[p].0[i] = (iova - IOVA_BASE + PA_BASE) | flags;
             if locked {
                 locks.unlock();
                 locks.lock();
+            } else {
+                // Two calls: the compiler must not fold the map's store into the unmap's.
+                compiler_fence(SeqCst);
             }
-            l.clear(c);
+            pages[p].0[i] = 0;
             if locked {
                 locks.unlock();
                 locks.bump();
             }
         }
         pos = (pos + batch) % CHURN_POOL;
-        black_box(l.pages.as_mut_ptr());
+        black_box(pages.as_mut_ptr());
     };
-    let store = time(o, batch, || pairs(&mut l, false));
-    let locked = time(o, batch, || pairs(&mut l, true));
+    let store = time(o, batch, || pairs(&mut pages, false));
+    let locked = time(o, batch, || pairs(&mut pages, true));
     (store, locked)
 }
 
