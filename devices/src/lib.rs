@@ -2,6 +2,7 @@
 //! `vmm` crate wires these devices to KVM.
 
 pub mod cmos;
+pub mod edu;
 pub mod hotplug;
 pub mod pci;
 pub mod power;
