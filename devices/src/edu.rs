@@ -405,7 +405,7 @@ fn access_ok(offset: u64, len: usize) -> bool {
     } else {
         len == 4 || len == 8
     };
-    ok_len && offset % len as u64 == 0 && offset < BAR_SIZE
+    ok_len && offset.is_multiple_of(len as u64) && offset < BAR_SIZE
 }
 
 #[cfg(test)]
