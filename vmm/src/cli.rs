@@ -79,6 +79,11 @@ pub struct RunArgs {
     /// guest ACPI PCI hotplug slots, so devices can be added and removed while it runs.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    /// Add this many emulated DMA test devices (PCI 1234:11e8, QEMU's `edu` register layout) whose DMA
+    /// goes through the IOMMU component's `soft` instance; see docs/edu.md.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=8))]
+    pub edu: u8,
 }
 
 /// The default kernel command line: the console on COM1, reboot and poweroff through ACPI, and a panic

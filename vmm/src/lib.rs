@@ -25,6 +25,7 @@ pub mod boot;
 pub mod check_host;
 pub mod cli;
 pub mod device_manager;
+pub mod edu;
 pub mod event_loop;
 pub mod hotplug;
 pub mod interrupts;
@@ -61,6 +62,9 @@ pub enum Error {
     /// Hotplug set-up.
     #[error(transparent)]
     Hotplug(#[from] hotplug::Error),
+    /// Setting up the `--edu` devices.
+    #[error(transparent)]
+    Edu(#[from] edu::EduError),
     /// The control API socket.
     #[error(transparent)]
     Api(#[from] api::Error),
@@ -155,6 +159,10 @@ pub fn run(args: cli::RunArgs) -> Result<ExitCode, Error> {
         true => None,
         false => Some(passthrough::attach(&checked, &vm)?),
     };
+    let edu = match args.edu {
+        0 => None,
+        n => Some(edu::EduDevices::attach(&vm, usize::from(n))?),
+    };
     let boot = boot::load_linux(
         vm.memory(),
         kernel,
@@ -195,6 +203,7 @@ pub fn run(args: cli::RunArgs) -> Result<ExitCode, Error> {
         drop(api.shutdown()); // hotplugged devices released through the component, vCPUs stopped
     }
     drop(passthrough); // released through the IOMMU component once the vCPUs are stopped
+    drop(edu); // parked, then released, likewise
     drop(_raw);
     let exit = exit?;
     stopped?;

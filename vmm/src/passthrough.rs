@@ -368,7 +368,7 @@ use crate::memory::GuestMemory;
 use crate::vm::Vm;
 
 /// The owner id the VMM claims groups with.
-const VMM_OWNER: OwnerId = OwnerId(1);
+pub(crate) const VMM_OWNER: OwnerId = OwnerId(1);
 
 /// Errors of the passthrough lifecycle (open, plug, park). Each names the device and the step.
 #[derive(Debug, thiserror::Error)]
@@ -576,10 +576,10 @@ pub fn ram_runs(mem: &GuestMemory) -> Vec<(u64, u64, u64)> {
 }
 
 impl Passthrough {
-    /// Registers the component's `vfio` driver and maps guest RAM (IOVA = GPA) into a new paging domain.
+    /// Registers the component's `vfio` driver (in the VM's IOMMU component) and maps guest RAM (IOVA = GPA) into a new paging domain.
     /// No VFIO call is made until a device's group is attached to it.
     pub fn new(vm: &Vm) -> Result<Self, AttachError> {
-        let core = Arc::new(IommuCore::new());
+        let core = vm.iommu().clone();
         let vfio = Arc::new(VfioIommu::new());
         let inst = core
             .register(vfio.clone())

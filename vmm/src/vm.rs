@@ -92,6 +92,7 @@ pub struct Vm {
     _serial_irq: Option<EventFd>,
     next_slot: u32,
     mmio64: (u64, u64),
+    iommu: Arc<iommu::core::IommuCore>,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -201,7 +202,14 @@ impl Vm {
             _serial_irq: serial_irq,
             next_slot,
             mmio64,
+            iommu: Arc::new(iommu::core::IommuCore::new()),
         })
+    }
+
+    /// The VM's IOMMU component: one domain manager for every device that does DMA (its `vfio` instance
+    /// for passthrough devices, its `soft` instance for emulated ones).
+    pub fn iommu(&self) -> &Arc<iommu::core::IommuCore> {
+        &self.iommu
     }
 
     /// Guest memory.

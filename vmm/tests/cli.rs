@@ -92,6 +92,41 @@ fn a_tiny_kernel_boots_writes_the_console_file_and_powers_off() {
 }
 
 #[test]
+fn edu_devices_are_plugged_then_parked_and_released_at_exit() {
+    // The same tiny kernel, with two --edu devices: they are set up through the IOMMU component before
+    // the guest runs and parked and released after it powered off.
+    let mut img = fake_bzimage();
+    let code = [
+        0xb0, 0x34, // mov al, (5 << 2) | SLP_EN
+        0x66, 0xba, 0xc0, 0x03, // mov dx, 0x3c0
+        0xee, // out dx, al
+        0xeb, 0xfe, // jmp $
+    ];
+    img[0xa00 + 0x200..0xa00 + 0x200 + code.len()].copy_from_slice(&code);
+    let k = scratch("off-bzimage", &img);
+    let (code, err) = vmm(&[
+        "-v",
+        "--kernel",
+        k.to_str().unwrap_or(""),
+        "--memory",
+        "size=64M",
+        "--serial",
+        "off",
+        "--edu",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    for name in ["edu0", "edu1"] {
+        assert!(
+            err.contains(&format!("edu: {name} plugged as guest PCI")),
+            "{name}: {err}"
+        );
+        assert!(err.contains(&format!("edu: {name}: 0 transfer(s)")), "{name}: {err}");
+    }
+    assert_eq!(err.matches("parked and released").count(), 2, "{err}");
+}
+
+#[test]
 fn sigterm_stops_the_vm_and_exits_143() {
     let k = scratch("spinning-bzimage", &fake_bzimage());
     let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
@@ -160,6 +195,8 @@ fn bad_arguments_are_usage_errors() {
         &["--kernel", "k", "--cpus", "boot=0"],
         &["--kernel", "k", "--serial", "pty"],
         &["--kernel", "k", "--no-such-option"],
+        &["--kernel", "k", "--edu", "9"],
+        &["--kernel", "k", "--edu", "one"],
     ] {
         let (code, err) = vmm(args);
         assert_eq!(code, 2, "{args:?}: {err}");
