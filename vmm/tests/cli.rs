@@ -121,7 +121,10 @@ fn edu_devices_are_plugged_then_parked_and_released_at_exit() {
             err.contains(&format!("edu: {name} plugged as guest PCI")),
             "{name}: {err}"
         );
-        assert!(err.contains(&format!("edu: {name}: 0 transfer(s)")), "{name}: {err}");
+        assert!(
+            err.contains(&format!("edu: {name}: 0 transfer(s)")),
+            "{name}: {err}"
+        );
     }
     assert_eq!(err.matches("parked and released").count(), 2, "{err}");
 }
