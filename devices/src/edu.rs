@@ -202,8 +202,9 @@ impl EduDevice {
         match off {
             reg::LIVENESS => self.liveness = v,
             reg::FACTORIAL => {
-                // Computed at once: status bit 0x01 is never seen set.
-                self.factorial = (1..=v).fold(1u32, |f, k| f.wrapping_mul(k));
+                // Computed at once: status bit 0x01 is never seen set. In 32 bits, n! is 0 from n = 34 on
+                // (34! holds 2^32), so at most 34 steps whatever the guest writes.
+                self.factorial = (1..=v.min(34)).fold(1u32, |f, k| f.wrapping_mul(k));
                 if self.status & STATUS_IRQ_FACTORIAL != 0 {
                     self.raise(IRQ_FACTORIAL);
                 }
@@ -494,6 +495,15 @@ mod tests {
         assert_eq!(r32(e, reg::FACTORIAL), 120);
         w32(e, reg::FACTORIAL, 13); // 13! wraps in 32 bits, as in QEMU
         assert_eq!(r32(e, reg::FACTORIAL), 6_227_020_800u64 as u32);
+        let wrapped = |n: u32| (1..=n).fold(1u32, |f, k| f.wrapping_mul(k));
+        for n in [0, 1, 33, 34, 35, 100] {
+            w32(e, reg::FACTORIAL, n);
+            assert_eq!(r32(e, reg::FACTORIAL), wrapped(n), "{n}!");
+        }
+        assert_ne!(wrapped(33), 0);
+        // A guest's largest value costs 34 steps, not 2^32 (it once held the vCPU for seconds).
+        w32(e, reg::FACTORIAL, u32::MAX);
+        assert_eq!(r32(e, reg::FACTORIAL), 0);
         assert_eq!(r32(e, reg::IRQ_STATUS), 0);
         w32(e, reg::STATUS, 0x81);
         assert_eq!(r32(e, reg::STATUS), 0x80, "bit 0 is read-only");
