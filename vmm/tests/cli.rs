@@ -60,11 +60,17 @@ fn fake_bzimage() -> Vec<u8> {
     img
 }
 
+/// A [`fake_bzimage`] whose 64-bit entry (startup_64, run at CPL0 with the boot state the VMM set up:
+/// GDT, page tables, long mode) is `code`, written to a scratch file `name`.
+fn tiny_kernel(name: &str, code: &[u8]) -> std::path::PathBuf {
+    let mut img = fake_bzimage();
+    img[0xa00 + 0x200..0xa00 + 0x200 + code.len()].copy_from_slice(code);
+    scratch(name, &img)
+}
+
 #[test]
 fn a_tiny_kernel_boots_writes_the_console_file_and_powers_off() {
-    // The 64-bit entry (startup_64) runs at CPL0 with the boot state the VMM set up (GDT, page tables,
-    // long mode): it prints "hi" on COM1 and powers off through the ACPI sleep control register.
-    let mut img = fake_bzimage();
+    // It prints "hi" on COM1 and powers off through the ACPI sleep control register.
     let code = [
         0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
         0xb0, b'h', 0xee, // mov al, 'h'; out dx, al
@@ -74,8 +80,7 @@ fn a_tiny_kernel_boots_writes_the_console_file_and_powers_off() {
         0xee, // out dx, al
         0xeb, 0xfe, // jmp $
     ];
-    img[0xa00 + 0x200..0xa00 + 0x200 + code.len()].copy_from_slice(&code);
-    let k = scratch("hi-bzimage", &img);
+    let k = tiny_kernel("hi-bzimage", &code);
     let console = k.with_file_name("console.txt");
     let (code, err) = vmm(&[
         "--kernel",
@@ -93,17 +98,15 @@ fn a_tiny_kernel_boots_writes_the_console_file_and_powers_off() {
 
 #[test]
 fn edu_devices_are_plugged_then_parked_and_released_at_exit() {
-    // The same tiny kernel, with two --edu devices: they are set up through the IOMMU component before
-    // the guest runs and parked and released after it powered off.
-    let mut img = fake_bzimage();
+    // A tiny kernel that powers off at once, with two --edu devices: they are set up through the IOMMU
+    // component before the guest runs and parked and released after it powered off.
     let code = [
         0xb0, 0x34, // mov al, (5 << 2) | SLP_EN
         0x66, 0xba, 0xc0, 0x03, // mov dx, 0x3c0
         0xee, // out dx, al
         0xeb, 0xfe, // jmp $
     ];
-    img[0xa00 + 0x200..0xa00 + 0x200 + code.len()].copy_from_slice(&code);
-    let k = scratch("off-bzimage", &img);
+    let k = tiny_kernel("off-bzimage", &code);
     let (code, err) = vmm(&[
         "-v",
         "--kernel",
