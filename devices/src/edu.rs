@@ -6,12 +6,15 @@
 //! about the device shows here: a paging domain reaches what it maps, a parked (blocked) device reaches
 //! nothing, and every refused translation lands in the soft IOMMU's fault log.
 //!
-//! What the guest sees, as in QEMU: PCI 1234:11e8, BAR 0 = 1 MiB of registers; 4-byte accesses below 0x80,
-//! 4- or 8-byte ones from 0x80; 0x00 identification (0x010000ed), 0x04 liveness (reads the inverse of what
-//! was written), 0x08 factorial, 0x20 status (0x80: interrupt after a factorial), 0x24 interrupt status,
-//! 0x60 interrupt raise, 0x64 interrupt acknowledge, 0x80 DMA source, 0x88 DMA destination, 0x90 DMA count,
-//! 0x98 DMA command (0x1 start, 0x2 direction: 0 RAM to device, 1 device to RAM, 0x4 interrupt 0x100 when
-//! done); the device's 4 KiB DMA buffer is at 0x40000 in DMA addresses (not readable through the BAR).
+//! What the guest sees, as in QEMU: PCI 1234:11e8 revision 0x10, BAR 0 = 1 MiB of registers; 4-byte
+//! accesses below 0x80, 4- or 8-byte ones from 0x80; 0x00 identification (0x010000ed), 0x04 liveness
+//! (reads the inverse of what was written), 0x08 factorial, 0x20 status (0x80: interrupt after a
+//! factorial), 0x24 interrupt status, 0x60 interrupt raise, 0x64 interrupt acknowledge, 0x80 DMA source,
+//! 0x88 DMA destination, 0x90 DMA count, 0x98 DMA command (0x1 start, 0x2 direction: 0 RAM to device, 1
+//! device to RAM, 0x4 interrupt 0x100 when done; a write without 0x1 is ignored). The 64-bit DMA
+//! registers are accessed at their own offsets only: a 4-byte write sets the whole register (upper half
+//! 0), a 4-byte read returns its low half, and offsets 0x84, 0x8c, ... read all-ones and ignore writes.
+//! The device's 4 KiB DMA buffer is at 0x40000 in DMA addresses (not readable through the BAR).
 //!
 //! Differences, each logged when it matters:
 //! - The factorial and the DMA run at once, inside the guest's register write: status bit 0x01 and
@@ -21,7 +24,9 @@
 //! - A transfer is refused as a whole, and nothing is copied, when bus mastering is off, when the device
 //!   side does not lie within the buffer, when the bus address is outside the DMA mask (28 bits, as
 //!   QEMU's default; QEMU clamps it instead) or when any page of it does not translate (an IOMMU fault) or
-//!   is not guest RAM. [`EduDevice::stats`] counts both.
+//!   is not guest RAM. [`EduDevice::stats`] counts both. As in QEMU, the interrupt a transfer asked for
+//!   is raised even when it was refused. The first [`LOGGED_REFUSALS`] refusals are logged as warnings,
+//!   later ones at debug level (the stats and the IOMMU's fault log count every one).
 
 use iommu::core::Access;
 use iommu::soft::{DmaPort, Fault};
@@ -44,6 +49,13 @@ pub const BUFFER_ADDR: u64 = 0x40000;
 pub const BUFFER_SIZE: usize = 4096;
 /// Bus addresses the device can reach (28 bits, QEMU's default `dma_mask`).
 pub const DMA_MASK: u64 = (1 << 28) - 1;
+/// PCI revision id (as QEMU's edu).
+pub const REVISION: u8 = 0x10;
+/// How many refused transfers a device logs as warnings before it logs them at debug level only (a
+/// guest looping on bad transfers must not flood the VMM's log).
+pub const LOGGED_REFUSALS: u64 = 8;
+/// In 32 bits, n! is 0 from n = 34 on (34! holds 2^32): the factorial register never needs more steps.
+const FACTORIAL_ZERO_FROM: u32 = 34;
 
 /// Register offsets in BAR 0.
 pub mod reg {
@@ -147,6 +159,7 @@ impl EduDevice {
         };
         let added = config.add_bar(0, bar);
         debug_assert!(added, "BAR 0 of a fresh config space");
+        config.set_revision(REVISION);
         EduDevice {
             name,
             config,
@@ -202,9 +215,8 @@ impl EduDevice {
         match off {
             reg::LIVENESS => self.liveness = v,
             reg::FACTORIAL => {
-                // Computed at once: status bit 0x01 is never seen set. In 32 bits, n! is 0 from n = 34 on
-                // (34! holds 2^32), so at most 34 steps whatever the guest writes.
-                self.factorial = (1..=v.min(34)).fold(1u32, |f, k| f.wrapping_mul(k));
+                // Computed at once: status bit 0x01 is never seen set.
+                self.factorial = factorial32(v);
                 if self.status & STATUS_IRQ_FACTORIAL != 0 {
                     self.raise(IRQ_FACTORIAL);
                 }
@@ -224,14 +236,13 @@ impl EduDevice {
             reg::DMA_SRC => self.dma_src = v,
             reg::DMA_DST => self.dma_dst = v,
             reg::DMA_COUNT => self.dma_count = v,
-            reg::DMA_CMD => {
+            // As QEMU: a command without START is ignored.
+            reg::DMA_CMD if v & cmd::START != 0 => {
                 self.dma_cmd = v;
-                if v & cmd::START != 0 {
-                    self.run_dma();
-                    self.dma_cmd &= !cmd::START;
-                    if v & cmd::IRQ != 0 {
-                        self.raise(IRQ_DMA);
-                    }
+                self.run_dma();
+                self.dma_cmd &= !cmd::START;
+                if v & cmd::IRQ != 0 {
+                    self.raise(IRQ_DMA);
                 }
             }
             _ => {}
@@ -262,11 +273,23 @@ impl EduDevice {
                 if matches!(e, DmaError::Fault { .. }) {
                     self.stats.faults += 1;
                 }
-                log::warn!(
+                let level = if self.stats.refused <= LOGGED_REFUSALS {
+                    log::Level::Warn
+                } else {
+                    log::Level::Debug
+                };
+                log::log!(
+                    level,
                     "{}: DMA of {count:#x} bytes {} bus address {bus:#x} refused, nothing copied: {e}",
                     self.name,
                     if to_ram { "to" } else { "from" }
                 );
+                if self.stats.refused == LOGGED_REFUSALS {
+                    log::warn!(
+                        "{}: {LOGGED_REFUSALS} transfers refused; further refusals are logged at debug level only",
+                        self.name
+                    );
+                }
             }
         }
     }
@@ -347,14 +370,8 @@ impl PciDevice for EduDevice {
             );
             return;
         }
-        // A 4-byte access to the upper half of a 64-bit DMA register.
-        let (base, shift) = if offset >= reg::DMA_SRC && offset % 8 == 4 {
-            (offset - 4, 32)
-        } else {
-            (offset, 0)
-        };
-        if let Some(v) = self.read_reg(base) {
-            let v = v >> shift;
+        // A 4-byte read of a 64-bit DMA register returns its low half (offsets + 4 are not registers).
+        if let Some(v) = self.read_reg(offset) {
             data.copy_from_slice(&v.to_le_bytes()[..len]);
         }
     }
@@ -375,28 +392,22 @@ impl PciDevice for EduDevice {
             self.write_reg32(offset, v as u32);
             return;
         }
-        // 64-bit DMA registers: an 8-byte access, or a 4-byte access to either half (the command runs
-        // when its low half is written).
-        let base = offset & !7;
-        let Some(old) = self.read_reg(base) else {
-            log::debug!(
+        // 64-bit DMA registers, at their own offsets: a 4-byte write sets the whole register (as QEMU).
+        match offset {
+            reg::DMA_SRC | reg::DMA_DST | reg::DMA_COUNT | reg::DMA_CMD => {
+                self.write_dma_reg(offset, v)
+            }
+            _ => log::debug!(
                 "{}: write of {v:#x} to unknown register {offset:#x} ignored",
                 self.name
-            );
-            return;
-        };
-        let new = match (len, offset % 8) {
-            (8, _) => v,
-            (_, 0) => (old & !0xffff_ffff) | v,
-            _ => (old & 0xffff_ffff) | (v << 32),
-        };
-        if base == reg::DMA_CMD && len == 4 && offset % 8 == 4 {
-            // Only the upper half changed: store it without starting anything.
-            self.dma_cmd = new;
-            return;
+            ),
         }
-        self.write_dma_reg(base, new);
     }
+}
+
+/// n! in 32-bit arithmetic (wrapping, as QEMU's edu), in at most [`FACTORIAL_ZERO_FROM`] steps.
+fn factorial32(n: u32) -> u32 {
+    (1..=n.min(FACTORIAL_ZERO_FROM)).fold(1u32, |f, k| f.wrapping_mul(k))
 }
 
 /// QEMU's rule: 4-byte accesses below 0x80, 4 or 8 bytes from 0x80, naturally aligned.
@@ -428,6 +439,7 @@ mod tests {
     struct Rig {
         core: IommuCore,
         soft: Arc<SoftIommu>,
+        domain: iommu::core::PagingDomain,
         group: iommu::core::GroupId,
         mem: GuestMemoryMmap<()>,
         edu: EduDevice,
@@ -453,6 +465,7 @@ mod tests {
         Rig {
             core,
             soft,
+            domain: dom,
             group,
             mem,
             edu,
@@ -487,6 +500,11 @@ mod tests {
         let mut r = rig();
         let e = &mut r.edu;
         assert_eq!(e.read_config_register(0), 0x11e8_1234);
+        assert_eq!(
+            e.read_config_register(2),
+            0x00ff_0010,
+            "class 00ff, revision 0x10"
+        );
         assert_eq!(r32(e, reg::ID), 0x0100_00ed);
         w32(e, reg::LIVENESS, 0x1234_5678);
         assert_eq!(r32(e, reg::LIVENESS), !0x1234_5678);
@@ -495,13 +513,16 @@ mod tests {
         assert_eq!(r32(e, reg::FACTORIAL), 120);
         w32(e, reg::FACTORIAL, 13); // 13! wraps in 32 bits, as in QEMU
         assert_eq!(r32(e, reg::FACTORIAL), 6_227_020_800u64 as u32);
-        let wrapped = |n: u32| (1..=n).fold(1u32, |f, k| f.wrapping_mul(k));
-        for n in [0, 1, 33, 34, 35, 100] {
+        // The register takes at most FACTORIAL_ZERO_FROM steps (a loop to the guest's value held the vCPU
+        // for seconds at 0xffffffff): the same results as the full product, for every n that the full
+        // product can be run for here, because it stays 0 from FACTORIAL_ZERO_FROM on.
+        let full = |n: u32| (1..=n).fold(1u32, |f, k| f.wrapping_mul(k));
+        assert_ne!(full(FACTORIAL_ZERO_FROM - 1), 0);
+        assert_eq!(full(FACTORIAL_ZERO_FROM), 0);
+        for n in (0..200).chain([1000, 65_537]) {
             w32(e, reg::FACTORIAL, n);
-            assert_eq!(r32(e, reg::FACTORIAL), wrapped(n), "{n}!");
+            assert_eq!(r32(e, reg::FACTORIAL), full(n), "{n}!");
         }
-        assert_ne!(wrapped(33), 0);
-        // A guest's largest value costs 34 steps, not 2^32 (it once held the vCPU for seconds).
         w32(e, reg::FACTORIAL, u32::MAX);
         assert_eq!(r32(e, reg::FACTORIAL), 0);
         assert_eq!(r32(e, reg::IRQ_STATUS), 0);
@@ -635,28 +656,80 @@ mod tests {
     }
 
     #[test]
-    fn dma_registers_take_4_byte_halves_and_only_the_low_half_of_the_command_starts_it() {
+    fn dma_registers_as_qemu_4_byte_writes_set_the_whole_register_and_a_command_needs_start() {
         let mut r = rig();
         let e = &mut r.edu;
+        w64(e, reg::DMA_SRC, 0x9_0000_1000);
+        assert_eq!(r64(e, reg::DMA_SRC), 0x9_0000_1000);
+        assert_eq!(
+            r32(e, reg::DMA_SRC),
+            0x1000,
+            "a 4-byte read returns the low half"
+        );
         w32(e, reg::DMA_SRC, 0x1234_5678);
+        assert_eq!(
+            r64(e, reg::DMA_SRC),
+            0x1234_5678,
+            "a 4-byte write clears the upper half"
+        );
         w32(e, reg::DMA_SRC + 4, 0x9);
-        assert_eq!(r64(e, reg::DMA_SRC), 0x9_1234_5678);
-        assert_eq!(r32(e, reg::DMA_SRC + 4), 0x9);
+        assert_eq!(
+            r64(e, reg::DMA_SRC),
+            0x1234_5678,
+            "offset + 4 is not a register"
+        );
+        assert_eq!(r32(e, reg::DMA_SRC + 4), u32::MAX);
         w64(e, reg::DMA_SRC, 0);
         w64(e, reg::DMA_DST, BUFFER_ADDR);
         w64(e, reg::DMA_COUNT, 8);
-        w32(e, reg::DMA_CMD + 4, 1);
-        assert_eq!(
-            e.stats().transfers,
-            0,
-            "the upper half does not start a transfer"
-        );
-        w32(e, reg::DMA_CMD, cmd::START as u32);
-        assert_eq!(e.stats().transfers, 1);
+        w64(e, reg::DMA_CMD, cmd::TO_RAM | cmd::IRQ);
         assert_eq!(
             r64(e, reg::DMA_CMD),
-            1 << 32,
-            "start clears, the upper half stays"
+            0,
+            "a command without START is ignored"
         );
+        assert_eq!((e.stats().transfers, r32(e, reg::IRQ_STATUS)), (0, 0));
+        w32(e, reg::DMA_CMD, cmd::START as u32);
+        assert_eq!(e.stats().transfers, 1);
+        assert_eq!(r64(e, reg::DMA_CMD), 0, "START reads back clear");
+    }
+
+    #[test]
+    fn a_write_into_a_read_only_page_faults_and_writes_nothing_before_it() {
+        let mut r = rig();
+        // Bus [1 MiB, 1 MiB + 4 KiB) is guest RAM at 3 MiB, read-only for the device.
+        r.core
+            .map(&r.domain, MIB, 3 * MIB, 0x1000, Prot::READ)
+            .expect("map read-only");
+        r.mem
+            .write_slice(&[0x77; 0x100], GuestAddress(MIB + MIB - 0x80))
+            .unwrap();
+        r.mem
+            .write_slice(&[0x66; 0x80], GuestAddress(3 * MIB))
+            .unwrap();
+        // Into the device, across both pages: reading the read-only page is allowed.
+        dma(&mut r.edu, MIB - 0x80, BUFFER_ADDR, 0x100, cmd::START);
+        assert_eq!(r.edu.stats().transfers, 1);
+        // Out of the device across both: the second page may not be written, so nothing is.
+        dma(
+            &mut r.edu,
+            BUFFER_ADDR + 0x200,
+            MIB - 0x80,
+            0x100,
+            cmd::START | cmd::TO_RAM,
+        );
+        let mut b = [0u8; 0x80];
+        r.mem
+            .read_slice(&mut b, GuestAddress(MIB + MIB - 0x80))
+            .unwrap();
+        assert_eq!(b, [0x77; 0x80], "the writable first page is untouched too");
+        r.mem.read_slice(&mut b, GuestAddress(3 * MIB)).unwrap();
+        assert_eq!(b, [0x66; 0x80]);
+        let f = r.soft.faults().recent();
+        assert_eq!(
+            (f.len(), f[0].fault, f[0].iova),
+            (1, Fault::Permission, MIB)
+        );
+        assert_eq!((r.edu.stats().refused, r.edu.stats().faults), (1, 1));
     }
 }

@@ -6,8 +6,13 @@
 //! `[64 KiB, 72 KiB)` read-only to guest RAM at 256 KiB. Checked after every step: nothing panics; the
 //! identification register reads 0x010000ed; every transfer moved at most the buffer's 4 KiB; every fault
 //! the soft IOMMU recorded is one refused transfer of the device, and no refusal other than a fault
-//! reached the IOMMU. At the end: guest RAM outside the read-write window is unchanged (the device wrote
-//! nothing the IOMMU did not let it write, parked or not).
+//! reached the IOMMU; a refused transfer changed nothing in the read-write window either (all or nothing).
+//! At the end: guest RAM outside the read-write window is unchanged (the device wrote nothing the IOMMU did
+//! not let it write, parked or not).
+//!
+//! A second property drives whole transfers, with bus addresses biased to the windows' edges, against a
+//! model of the device's buffer: a transfer that goes through copies exactly (RAM to buffer, buffer to RAM),
+//! one that is refused changes neither RAM nor the buffer.
 //!
 //! `PROPTEST_CASES` sets the number of cases (`scripts/test` uses 4000).
 
@@ -123,6 +128,12 @@ fn fill() -> &'static [u8] {
     FILL.get_or_init(|| (0..RAM).map(|i| (i * 131 % 251) as u8).collect())
 }
 
+fn rw_window(mem: &GuestMemoryMmap<()>) -> Vec<u8> {
+    let mut v = vec![0u8; RW_BUS as usize];
+    mem.read_slice(&mut v, GuestAddress(RW_GPA)).expect("read");
+    v
+}
+
 fn snapshot(mem: &GuestMemoryMmap<()>) -> Vec<u8> {
     let mut v = vec![0u8; RAM];
     mem.read_slice(&mut v, GuestAddress(0)).expect("read");
@@ -141,6 +152,13 @@ proptest! {
                 Op::Read(o, n) => {
                     let mut b = vec![0u8; n];
                     r.edu.read_bar(0, o, &mut b);
+                }
+                Op::Write(o, b) if o == reg::DMA_CMD => {
+                    let (window, refused) = (rw_window(&r.mem), r.edu.stats().refused);
+                    r.edu.write_bar(0, o, &b);
+                    if r.edu.stats().refused > refused {
+                        prop_assert!(rw_window(&r.mem) == window, "a refused transfer wrote into the window");
+                    }
                 }
                 Op::Write(o, b) => r.edu.write_bar(0, o, &b),
                 Op::Command(c) => {
@@ -198,4 +216,94 @@ proptest! {
         prop_assert_eq!(r.edu.stats().transfers, 2);
         prop_assert_eq!(r.edu.stats().refused, 0);
     }
+
+    #[test]
+    fn whole_transfers_match_a_model_of_the_buffer(
+        transfers in prop::collection::vec(transfer(), 1..24),
+    ) {
+        let mut r = rig();
+        let mut model = vec![0u8; 4096];
+        let mut parked = false;
+        for t in transfers {
+            if t.park != parked {
+                if t.park {
+                    r.core.park(r.group, VM).expect("park");
+                } else {
+                    r.core.plug(r.group, VM).expect("plug");
+                    r.core.attach(r.group, VM, Target::Paging(&r.domain)).expect("attach");
+                }
+                parked = t.park;
+            }
+            let before = snapshot(&r.mem);
+            let done = r.edu.stats().transfers;
+            let (src, dst) = if t.to_ram { (BUFFER_ADDR + t.at, t.bus) } else { (t.bus, BUFFER_ADDR + t.at) };
+            let w = |e: &mut EduDevice, o: u64, v: u64| e.write_bar(0, o, &v.to_le_bytes());
+            w(&mut r.edu, reg::DMA_SRC, src);
+            w(&mut r.edu, reg::DMA_DST, dst);
+            w(&mut r.edu, reg::DMA_COUNT, t.count);
+            w(&mut r.edu, reg::DMA_CMD, cmd::START | if t.to_ram { cmd::TO_RAM } else { 0 });
+            let went = r.edu.stats().transfers > done;
+            let now = snapshot(&r.mem);
+            // Where the bus range lands in guest RAM when every page of it is mapped for the access.
+            let writable = t.bus + t.count <= RW_BUS;
+            let readable = writable || (t.bus >= RO_BUS && t.bus + t.count <= RO_BUS + RO_LEN)
+                || (t.bus < RW_BUS && t.bus + t.count <= RO_BUS + RO_LEN);
+            let in_buffer = t.at + t.count <= 4096;
+            // A transfer of 0 bytes has nothing to translate: it completes wherever it points.
+            let reachable = !parked && if t.to_ram { writable } else { readable };
+            let expect = in_buffer && (t.count == 0 || reachable);
+            prop_assert_eq!(went, expect, "{:?}", t);
+            if !went {
+                prop_assert!(now == before, "a refused transfer changed guest RAM: {:?}", t);
+                continue;
+            }
+            let (at, n) = (t.at as usize, t.count as usize);
+            let gpa = |bus: u64| if bus < RW_BUS { RW_GPA + bus } else { RO_GPA + bus - RO_BUS };
+            if t.to_ram {
+                let g = gpa(t.bus) as usize;
+                prop_assert_eq!(&now[g..g + n], &model[at..at + n]);
+                let mut expected = before.clone();
+                expected[g..g + n].copy_from_slice(&model[at..at + n]);
+                prop_assert!(now == expected, "only the destination changed");
+            } else {
+                for k in 0..n {
+                    model[at + k] = before[gpa(t.bus + k as u64) as usize];
+                }
+                prop_assert!(now == before, "reading RAM changed it");
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Transfer {
+    bus: u64,
+    at: u64,
+    count: u64,
+    to_ram: bool,
+    park: bool,
+}
+
+fn transfer() -> impl Strategy<Value = Transfer> {
+    let edge = |e: u64| (0u64..0x300).prop_map(move |d| e.saturating_sub(d));
+    let bus = prop_oneof![
+        2 => 0u64..(RO_BUS + RO_LEN + 0x1000),
+        2 => edge(RW_BUS),
+        2 => edge(RO_BUS + RO_LEN),
+        1 => edge(0x1000),
+    ];
+    (
+        bus,
+        prop_oneof![4 => 0u64..4096, 1 => 3900u64..4096],
+        prop_oneof![4 => 0u64..0x400, 1 => 0u64..0x1100],
+        any::<bool>(),
+        prop::bool::weighted(0.15),
+    )
+        .prop_map(|(bus, at, count, to_ram, park)| Transfer {
+            bus,
+            at,
+            count,
+            to_ram,
+            park,
+        })
 }

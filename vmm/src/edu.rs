@@ -18,7 +18,7 @@ use iommu::core::{
 use iommu::soft::{FaultCounts, SoftIommu};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::passthrough::{error_chain, VMM_OWNER};
+use crate::dma::{error_chain, VMM_OWNER};
 use crate::vm::Vm;
 
 /// Why the edu devices could not be set up.
@@ -36,6 +36,12 @@ pub enum EduError {
     /// The PCI bus has no room.
     #[error("edu: putting the device on the PCI bus: {0}")]
     Bus(String),
+    /// There is no edu device with this index.
+    #[error("edu: there is no edu device {0}")]
+    NoSuchDevice(usize),
+    /// The guest-RAM domain was freed: the devices are being torn down.
+    #[error("edu: the guest-RAM domain is gone (the VM is ending)")]
+    NoDomain,
 }
 
 fn iommu_err(what: &'static str) -> impl FnOnce(CoreError) -> EduError {
@@ -107,10 +113,14 @@ impl EduDevices {
                 return Err(iommu_err("its group")(e));
             }
         };
-        let claimed = self.core.claim_dma_owner(group, VMM_OWNER).and_then(|()| {
-            let d = self.domain.as_ref().ok_or(CoreError::UnknownDevice(dev))?;
-            self.core.attach(group, VMM_OWNER, Target::Paging(d))
-        });
+        let Some(domain) = self.domain.as_ref() else {
+            self.release(dev, &name);
+            return Err(EduError::NoDomain);
+        };
+        let claimed = self
+            .core
+            .claim_dma_owner(group, VMM_OWNER)
+            .and_then(|()| self.core.attach(group, VMM_OWNER, Target::Paging(domain)));
         if let Err(e) = claimed {
             self.release(dev, &name);
             return Err(iommu_err(
@@ -140,7 +150,7 @@ impl EduDevices {
                 Ok(())
             }
             Err(e) => {
-                self.park_and_release(edu);
+                self.park_and_release(&edu);
                 Err(EduError::Bus(e.to_string()))
             }
         }
@@ -166,29 +176,36 @@ impl EduDevices {
 
     /// Parks device `i` on the blocked domain (as an unplug does): its DMA reaches nothing from now on.
     pub fn park(&self, i: usize) -> Result<(), EduError> {
-        let d = self
-            .devices
-            .get(i)
-            .ok_or(EduError::Bus(format!("no edu device {i}")))?;
+        let d = self.devices.get(i).ok_or(EduError::NoSuchDevice(i))?;
         self.core
             .park(d.group, VMM_OWNER)
             .map_err(iommu_err("parking the device"))
     }
 
-    fn release(&self, dev: DeviceId, name: &str) {
-        if let Err(e) = self.core.release_device(dev) {
-            log::error!("edu: {name}: releasing: {}", error_chain(&e));
+    /// Releases `dev` from the component; whether it went.
+    fn release(&self, dev: DeviceId, name: &str) -> bool {
+        match self.core.release_device(dev) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("edu: {name}: releasing: {}", error_chain(&e));
+                false
+            }
         }
     }
 
-    fn park_and_release(&self, d: Edu) {
+    /// Takes `d` off the bus, parks it on the blocked domain and releases it; whether both went.
+    fn park_and_release(&self, d: &Edu) -> bool {
         if let Some(slot) = d.slot {
             self.bus.remove_device(slot);
         }
-        if let Err(e) = self.core.park(d.group, VMM_OWNER) {
-            log::warn!("edu: {}: parking: {}", d.name, error_chain(&e));
-        }
-        self.release(d.dev, &d.name);
+        let parked = match self.core.park(d.group, VMM_OWNER) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("edu: {}: parking: {}", d.name, error_chain(&e));
+                false
+            }
+        };
+        self.release(d.dev, &d.name) && parked
     }
 }
 
@@ -196,15 +213,20 @@ impl Drop for EduDevices {
     fn drop(&mut self) {
         for d in std::mem::take(&mut self.devices).into_iter().rev() {
             let stats = d.pci.lock().map(|p| p.stats()).unwrap_or_default();
+            let done = self.park_and_release(&d);
             log::info!(
-                "edu: {}: {} transfer(s), {} bytes, {} refused ({} IOMMU faults); parked and released",
+                "edu: {}: {} transfer(s), {} bytes, {} refused ({} IOMMU faults); {}",
                 d.name,
                 stats.transfers,
                 stats.bytes,
                 stats.refused,
-                stats.faults
+                stats.faults,
+                if done {
+                    "parked and released"
+                } else {
+                    "NOT cleanly parked and released (see the errors above)"
+                }
             );
-            self.park_and_release(d);
         }
         if let Some(d) = self.domain.take() {
             if let Err(e) = self.core.free(d) {

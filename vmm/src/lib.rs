@@ -25,6 +25,7 @@ pub mod boot;
 pub mod check_host;
 pub mod cli;
 pub mod device_manager;
+pub mod dma;
 pub mod edu;
 pub mod event_loop;
 pub mod hotplug;

@@ -354,8 +354,8 @@ use std::sync::{Arc, Mutex};
 use devices::pci::{MsiRouting, PciBus, PciSlot};
 use devices::vfio_pci::{BarMapper, VfioPciDevice, VfioPciError};
 use iommu::core::{
-    CoreError, DeviceDesc, DeviceId, DeviceStatus, GroupId, InstanceId, IommuCore, OwnerId,
-    PagingDomain, Prot, Target,
+    CoreError, DeviceDesc, DeviceId, DeviceStatus, GroupId, InstanceId, IommuCore, PagingDomain,
+    Prot, Target,
 };
 use iommu::vfio::VfioIommu;
 use kvm_bindings::kvm_userspace_memory_region;
@@ -363,18 +363,16 @@ use kvm_ioctls::VmFd;
 use vfio_ioctls::VfioDevice;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::dma::{error_chain, VMM_OWNER};
 use crate::interrupts::GsiRouter;
 use crate::memory::GuestMemory;
 use crate::vm::Vm;
-
-/// The owner id the VMM claims groups with.
-pub(crate) const VMM_OWNER: OwnerId = OwnerId(1);
 
 /// Errors of the passthrough lifecycle (open, plug, park). Each names the device and the step.
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     /// The IOMMU component refused or its vfio driver failed.
-    #[error("passthrough of {device}: {what}: {source}{}", source_chain(source))]
+    #[error("passthrough of {device}: {what}: {}", error_chain(source))]
     Iommu {
         /// The device (or "guest RAM").
         device: String,
@@ -408,22 +406,6 @@ pub enum AttachError {
         /// The device.
         device: String,
     },
-}
-
-/// A core error with the causes below it, as "error: a: b" (the core's own message names only the step).
-pub fn error_chain(e: &CoreError) -> String {
-    format!("{e}{}", source_chain(e))
-}
-
-/// The causes below a core error, as ": a: b".
-fn source_chain(e: &CoreError) -> String {
-    let mut s = String::new();
-    let mut cur = std::error::Error::source(e);
-    while let Some(c) = cur {
-        s += &format!(": {c}");
-        cur = c.source();
-    }
-    s
 }
 
 fn ierr<'a>(device: &'a str, what: &'static str) -> impl FnOnce(CoreError) -> AttachError + 'a {

@@ -129,7 +129,10 @@ fn edu_devices_are_plugged_then_parked_and_released_at_exit() {
             "{name}: {err}"
         );
     }
-    assert_eq!(err.matches("parked and released").count(), 2, "{err}");
+    assert_eq!(err.matches("; parked and released").count(), 2, "{err}");
+    for bad in ["parking:", "releasing:", "NOT cleanly"] {
+        assert!(!err.contains(bad), "{bad}: {err}");
+    }
 }
 
 #[test]

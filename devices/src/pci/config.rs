@@ -87,6 +87,11 @@ impl PciConfig {
         }
     }
 
+    /// Sets the revision id (config byte 0x08).
+    pub fn set_revision(&mut self, revision: u8) {
+        self.regs[2] = (self.regs[2] & !0xff) | u32::from(revision);
+    }
+
     /// Sets the subsystem vendor and device ids.
     pub fn set_subsystem(&mut self, vendor: u16, device: u16) {
         self.regs[0x2c / 4] = u32::from(vendor) | (u32::from(device) << 16);
