@@ -86,9 +86,10 @@ impl EduDevices {
             bus: vm.devices().pci().clone(),
             devices: Vec::new(),
         };
-        for r in vm.memory().iter() {
-            let (gpa, len) = (r.start_addr().0, r.len());
-            if let Some(d) = &this.domain {
+        // (On error, dropping `this` frees the domain.)
+        if let Some(d) = &this.domain {
+            for r in vm.memory().iter() {
+                let (gpa, len) = (r.start_addr().0, r.len());
                 this.core
                     .map(d, gpa, gpa, len, Prot::RW)
                     .map_err(iommu_err("mapping guest RAM into the domain"))?;
