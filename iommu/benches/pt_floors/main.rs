@@ -51,6 +51,13 @@ struct Call {
     step: u64,
 }
 
+/// The level whose leaves are `page_size` (1, 2 or 3).
+fn leaf_level(page_size: u64) -> u32 {
+    (1..=3)
+        .find(|&l| format::level_size(l) == page_size)
+        .expect("a leaf size")
+}
+
 /// The table pages a batch touches, and each call's place in them: the leaf table (level of `page_size`)
 /// holding `iova` is the page keyed by `iova >> (shift + 9)`.
 struct Layout {
@@ -61,9 +68,7 @@ struct Layout {
 impl Layout {
     /// `ranges`: (iova, pa, len) of each call; every leaf is `page_size`.
     fn new(ranges: impl Iterator<Item = (u64, u64, u64)>, page_size: u64) -> Layout {
-        let level = (1..=3)
-            .find(|&l| format::level_size(l) == page_size)
-            .expect("a leaf size");
+        let level = leaf_level(page_size);
         let shift = format::level_shift(level);
         let flags = format::leaf_flags(level, format::prot_bits(Prot::RW));
         let mut keys = std::collections::HashMap::new();
@@ -199,9 +204,9 @@ fn map_case(o: &Opts, c: &MapCase) -> [(f64, f64); 2] {
         map(&mut l, false);
         check(&l, c);
     }
-    // Maps and unmaps alternate, as in dma_map (each sample there maps a batch, then unmaps it).
-    let mut out = [(0.0, 0.0); 2];
-    for (tier, locked) in [false, true].into_iter().enumerate() {
+    // Maps and unmaps alternate, as in dma_map (each sample there maps a batch, then unmaps it). Per
+    // tier (store, locked): the medians of the maps and of the unmaps.
+    let [store, locked] = [false, true].map(|locked| {
         let (mut m, mut u) = (Vec::new(), Vec::new());
         for r in 0..o.warmup + o.samples {
             let t0 = Instant::now();
@@ -214,20 +219,14 @@ fn map_case(o: &Opts, c: &MapCase) -> [(f64, f64); 2] {
                 u.push((t2 - t1).as_nanos() as f64 / batch as f64);
             }
         }
-        let (m, u) = (median(&mut m), median(&mut u));
-        if tier == 0 {
-            out = [(m, 0.0), (u, 0.0)];
-        } else {
-            out[0].1 = m;
-            out[1].1 = u;
-        }
-    }
+        (median(&mut m), median(&mut u))
+    });
     assert!(
         l.pages.iter().all(|p| p.0.iter().all(|&e| e == 0)),
         "{}: unmaps left entries",
         c.map
     );
-    out
+    [(store.0, locked.0), (store.1, locked.1)]
 }
 
 /// Smoke check: the batch's stores are the entries the page table itself writes for those calls: each
@@ -238,9 +237,7 @@ fn check(l: &Layout, c: &MapCase) {
     let t = iommu::pt::IoPageTable::new();
     let mut g = iommu::pt::Gather::new();
     let size = c.len / c.leaves;
-    let level = (1..=3)
-        .find(|&v| format::level_size(v) == size)
-        .expect("a leaf size");
+    let level = leaf_level(size);
     let table_span = format::level_size(level + 1);
     let mut page_of_table = std::collections::HashMap::new();
     for (j, call) in l.calls.iter().enumerate() {
